@@ -1,0 +1,84 @@
+"""Mixture-of-Agents: several LLMs in layers, answering as one better model.
+
+>>> from moa import MoA
+>>> with MoA.from_preset("local") as moa:
+...     print(moa.run("Why is the sky blue?").output)
+"""
+
+from moa._version import __version__
+from moa.config import Agent, ConfigFile, Layer, Pipeline, load_config, parse_config
+from moa.engine import MoA, PipelineProvider, open_pipelines
+from moa.errors import (
+    AggregatorFailed,
+    BudgetExceeded,
+    ConfigError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    LayerFailed,
+    MalformedResponse,
+    MissingExtraError,
+    MoAError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderStatusError,
+    ProviderTimeout,
+    RateLimited,
+    RunError,
+    StreamInterrupted,
+)
+from moa.presets import PRESETS
+from moa.providers import ChatRequest, Completion, Provider, StreamChunk
+from moa.results import (
+    AgentFinished,
+    AgentResult,
+    AgentStarted,
+    Done,
+    Event,
+    LayerResult,
+    RunResult,
+    TextDelta,
+    Usage,
+)
+
+__all__ = [
+    "PRESETS",
+    "Agent",
+    "AgentFinished",
+    "AgentResult",
+    "AgentStarted",
+    "AggregatorFailed",
+    "BudgetExceeded",
+    "ChatRequest",
+    "Completion",
+    "ConfigError",
+    "ConfigFile",
+    "ContextLengthExceeded",
+    "Done",
+    "Event",
+    "InvalidRequest",
+    "Layer",
+    "LayerFailed",
+    "LayerResult",
+    "MalformedResponse",
+    "MissingExtraError",
+    "MoA",
+    "MoAError",
+    "Pipeline",
+    "PipelineProvider",
+    "Provider",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderStatusError",
+    "ProviderTimeout",
+    "RateLimited",
+    "RunError",
+    "RunResult",
+    "StreamChunk",
+    "StreamInterrupted",
+    "TextDelta",
+    "Usage",
+    "__version__",
+    "load_config",
+    "open_pipelines",
+    "parse_config",
+]

@@ -1,0 +1,260 @@
+"""One agent call: fit the prompt, then the retry loop with deadlines, ending in an AgentResult.
+
+Every failure an upstream call can have is caught here and becomes a result with status
+"failed" and a one-line cause; only `BudgetExceeded` (which must stop the whole run) and
+cancellation pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from moa.budget import CUT_MARKER, RunBudget, fit_references
+from moa.config import DEFAULT_HTTP_CONTEXT_WINDOW, Agent
+from moa.errors import (
+    ContextLengthExceeded,
+    ProviderError,
+    ProviderTimeout,
+    StreamInterrupted,
+)
+from moa.prompts import build_messages, fence_token
+from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider
+from moa.results import AgentResult, AgentStatus, Usage
+from moa.retry import decide_retry
+
+__all__ = ["AgentCall", "call_agent"]
+
+log = logging.getLogger("moa")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCall:
+    """Everything one call needs besides the provider."""
+
+    agent: Agent
+    conversation: Sequence[ChatMessage]
+    references: Sequence[str]
+    layer: int
+    index: int
+    references_in: Literal["system", "user"] = "system"
+
+
+@dataclass(slots=True)
+class _Prompt:
+    messages: list[ChatMessage]
+    tokens: int
+    reference_tokens: int
+    trimmed: bool
+
+
+async def _prepare(provider: Provider, call: AgentCall, reference_budget: int | None) -> _Prompt:
+    """Build the messages; cut references fairly if prompt + max_tokens would not fit."""
+    agent = call.agent
+
+    def build(references: Sequence[str]) -> list[ChatMessage]:
+        return build_messages(
+            call.conversation,
+            references,
+            system=agent.system,
+            references_in=call.references_in,
+            token=token,
+        )
+
+    async def count(messages: Sequence[ChatMessage]) -> int:
+        return await provider.count_tokens(agent.model, messages)
+
+    async def count_text(text: str) -> int:
+        return await count([{"role": "user", "content": text}]) - await count(
+            [{"role": "user", "content": ""}]
+        )
+
+    token = fence_token(call.conversation, call.references)
+    messages = build(call.references)
+    tokens = await count(messages)
+    if not call.references:
+        return _Prompt(messages, tokens, 0, False)
+    window = (
+        agent.context_window or provider.context_window(agent.model) or DEFAULT_HTTP_CONTEXT_WINDOW
+    )
+    skeleton = build([""] * len(call.references))
+    overhead = await count(skeleton)
+    reference_tokens = tokens - overhead
+    budget = window - agent.max_tokens - overhead
+    if reference_budget is not None:
+        budget = min(budget, reference_budget)
+    if reference_tokens <= budget:
+        return _Prompt(messages, tokens, reference_tokens, False)
+
+    sizes = [await count_text(text) for text in call.references]
+    fitted, trimmed = fit_references(call.references, sizes, budget, await count_text(CUT_MARKER))
+    messages = build(fitted)
+    tokens = await count(messages)
+    return _Prompt(messages, tokens, tokens - overhead, trimmed)
+
+
+async def _attempt(
+    provider: Provider,
+    request: ChatRequest,
+    agent: Agent,
+    on_text: Callable[[str], None] | None,
+    received: list[str],
+) -> Completion:
+    """One try, bounded by `timeout` (and `first_token_timeout` when streaming)."""
+    where = {"provider": provider.name, "model": agent.model}
+    if on_text is None:
+        try:
+            async with asyncio.timeout(agent.timeout):
+                return await provider.complete(request)
+        except TimeoutError:
+            raise ProviderTimeout(
+                f"no answer within timeout={agent.timeout:g} s", **where
+            ) from None
+
+    finish: str | None = None
+    usage: Usage | None = None
+    try:
+        async with asyncio.timeout(agent.timeout):
+            try:
+                async with (
+                    asyncio.timeout(agent.first_token_timeout) as first_token,
+                    contextlib.aclosing(provider.stream(request)) as chunks,
+                ):
+                    async for chunk in chunks:
+                        if chunk.text:
+                            if not received:
+                                first_token.reschedule(None)
+                            received.append(chunk.text)
+                            on_text(chunk.text)
+                        finish = chunk.finish_reason or finish
+                        usage = chunk.usage or usage
+            except TimeoutError:
+                raise ProviderTimeout(
+                    f"no first token within first_token_timeout={agent.first_token_timeout:g} s",
+                    **where,
+                ) from None
+    except TimeoutError:
+        error: ProviderError = ProviderTimeout(
+            f"no complete answer within timeout={agent.timeout:g} s", **where
+        )
+        if received:
+            error = StreamInterrupted(str(error), partial="".join(received), **where)
+        raise error from None
+    return Completion(text="".join(received), finish_reason=finish, usage=usage)
+
+
+def _status(completion: Completion) -> AgentStatus:
+    if not completion.text.strip():
+        return "empty"
+    if completion.finish_reason == "length":
+        return "truncated"
+    return "ok"
+
+
+async def call_agent(
+    provider: Provider,
+    call: AgentCall,
+    *,
+    budget: RunBudget,
+    on_text: Callable[[str], None] | None = None,
+) -> AgentResult:
+    """Run one agent to an AgentResult. With `on_text`, stream and hand over text as it comes."""
+    agent = call.agent
+    started = time.monotonic()
+    usage = Usage()
+    attempts = 0
+    reference_budget: int | None = None
+    shrunk_for_context = False
+    trimmed = False
+
+    def result(status: AgentStatus, output: str = "", error: str | None = None) -> AgentResult:
+        return AgentResult(
+            layer=call.layer,
+            index=call.index,
+            provider=agent.provider,
+            model=agent.model,
+            status=status,
+            output=output,
+            error=error,
+            latency_s=time.monotonic() - started,
+            usage=usage,
+            attempts=attempts,
+            references_trimmed=trimmed,
+        )
+
+    while True:
+        attempts += 1
+        prompt = await _prepare(provider, call, reference_budget)
+        trimmed = trimmed or prompt.trimmed
+        request = ChatRequest(
+            model=agent.model,
+            messages=prompt.messages,
+            temperature=agent.temperature,
+            max_tokens=agent.max_tokens,
+            top_p=agent.top_p,
+            seed=agent.seed,
+            timeout=agent.timeout,
+            sample=call.index,
+        )
+        reserved = budget.reserve(prompt.tokens + agent.max_tokens)
+        received: list[str] = []
+        spent = Usage()
+        try:
+            completion = await _attempt(provider, request, agent, on_text, received)
+            spent = completion.usage or Usage(prompt.tokens, max(1, len(completion.text) // 4))
+        except ProviderError as error:
+            if received:  # tokens were generated, and are billed, even though the call failed
+                spent = Usage(prompt.tokens, len(received))
+            usage = usage + spent
+            budget.settle(reserved, spent.total_tokens)
+            log.debug("%s attempt %d failed: %s", call_label(call), attempts, error.describe())
+            if isinstance(error, StreamInterrupted):
+                return result("failed", output=error.partial, error=error.describe())
+            if isinstance(error, ContextLengthExceeded):
+                if shrunk_for_context or not call.references:
+                    return result(
+                        "failed",
+                        error=f"{error.describe()} (the prompt does not fit even with the "
+                        "references halved: lower max_tokens or set context_window)",
+                    )
+                shrunk_for_context = True
+                reference_budget = max(prompt.reference_tokens // 2, 1)
+                continue
+            decision = decide_retry(
+                error,
+                attempt=attempts,
+                max_attempts=agent.max_attempts,
+                max_retry_wait=agent.max_retry_wait,
+            )
+            if not decision.retry:
+                cause = error.describe()
+                if decision.reason and decision.reason != "not retryable":
+                    cause = f"{cause} ({decision.reason})"
+                return result("failed", error=cause)
+            await asyncio.sleep(decision.wait_s)
+            continue
+        except BaseException:
+            budget.settle(reserved, spent.total_tokens)
+            raise
+        usage = usage + spent
+        budget.settle(reserved, spent.total_tokens)
+        status = _status(completion)
+        log.debug(
+            "%s attempt %d: %s in %.2f s",
+            call_label(call),
+            attempts,
+            status,
+            time.monotonic() - started,
+        )
+        return result(
+            status, output=completion.text, error="empty answer" if status == "empty" else None
+        )
+
+
+def call_label(call: AgentCall) -> str:
+    return f"layer {call.layer} agent {call.index} ({call.agent.provider}/{call.agent.model})"

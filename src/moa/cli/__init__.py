@@ -1,0 +1,96 @@
+"""The `moa` command. Each face lives in its own module; this one wires them and owns errors.
+
+Exit codes: 0 success, 2 bad usage or config, 1 a run that failed. Errors are one line on
+stderr; -v adds the traceback and debug logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from moa._version import __version__
+from moa.env import install_redaction
+from moa.errors import ConfigError, InvalidRequest, MissingExtraError, MoAError
+
+__all__ = ["cli", "main"]
+
+EXIT_RUN_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Group(click.Group):
+    """Turns our errors into one clear line and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except (ConfigError, InvalidRequest, MissingExtraError) as error:
+            _fail(ctx, error, EXIT_USAGE)
+        except MoAError as error:
+            _fail(ctx, error, EXIT_RUN_FAILED)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _fail(ctx: click.Context, error: BaseException, code: int) -> None:
+    if ctx.meta.get("moa.verbose"):
+        traceback.print_exception(error, file=sys.stderr)
+    click.echo(f"error: {error}", err=True)
+    ctx.exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    install_redaction(handler)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    if verbose:
+        logging.getLogger("moa").setLevel(logging.DEBUG)
+        for name in ("openai", "httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="moa")
+@click.option("-v", "--verbose", is_flag=True, help="Debug log and tracebacks on stderr.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Mixture-of-Agents: several LLMs in layers, answering as one better model.
+
+    With no --config or --preset, commands use the offline `local` preset.
+    """
+    ctx.meta["moa.verbose"] = verbose
+    _setup_logging(verbose)
+
+
+def _register() -> None:
+    from moa.cli import run
+
+    cli.add_command(run.ask)
+    cli.add_command(run.chat)
+    cli.add_command(run.presets)
+    for module_name, command_name in (("serve", "serve"), ("batch", "batch"), ("evaluate", "eval")):
+        try:
+            module = __import__(f"moa.cli.{module_name}", fromlist=[command_name])
+        except ModuleNotFoundError as error:
+            if error.name != f"moa.cli.{module_name}":
+                raise
+            continue
+        cli.add_command(module.command, command_name)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="moa")

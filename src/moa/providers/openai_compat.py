@@ -1,0 +1,270 @@
+"""Any OpenAI-compatible chat endpoint, through the official `openai` SDK.
+
+One `AsyncOpenAI` client per provider, so connections are pooled and reused across calls.
+The SDK's own retries are off: the core runs the one retry loop, so attempts are counted and
+backoff is decided in one place.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx2
+import openai
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from moa.errors import (
+    ContextLengthExceeded,
+    MalformedResponse,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderStatusError,
+    ProviderTimeout,
+    RateLimited,
+    StreamInterrupted,
+)
+from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk, estimate_tokens
+from moa.results import Usage
+
+__all__ = ["OpenAICompatibleProvider", "parse_retry_after"]
+
+_CONTEXT_SIGNS = (
+    "context_length_exceeded",
+    "context length",
+    "context window",
+    "maximum context",
+    "too many tokens",
+    "prompt is too long",
+    "reduce the length",
+)
+_BODY_LIMIT = 500
+
+
+class OpenAICompatibleProvider:
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        context_window: int | None = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url
+        self._context_window = context_window
+        # With no key we send no Authorization header at all (never "Bearer None"), and an
+        # explicit "" stops the SDK from picking up OPENAI_API_KEY meant for another endpoint.
+        headers: dict[str, Any] = {
+            "OpenAI-Organization": openai.omit,
+            "OpenAI-Project": openai.omit,
+        }
+        self._extra_headers: dict[str, Any] = {} if api_key else {"Authorization": openai.omit}
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key or "",
+            base_url=base_url,
+            max_retries=0,
+            default_headers=headers,
+            # A keyless local server (Ollama, vLLM, llama.cpp) is legitimate; the SDK's own
+            # "missing credentials" check would refuse it.
+            _enforce_credentials=bool(api_key),
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleProvider(name={self.name!r}, base_url={self.base_url!r})"
+
+    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
+        return estimate_tokens(messages)
+
+    def context_window(self, model: str) -> int | None:
+        return self._context_window
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _params(self, request: ChatRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
+        for key in ("temperature", "max_tokens", "top_p", "seed"):
+            value = getattr(request, key)
+            if value is not None:
+                params[key] = value
+        if request.timeout is not None:
+            params["timeout"] = request.timeout
+        if self._extra_headers:
+            params["extra_headers"] = self._extra_headers
+        return params
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        try:
+            response: Any = await self._client.chat.completions.create(**self._params(request))
+        except Exception as error:
+            raise self._translate(error, request.model) from None
+        if not isinstance(response, ChatCompletion) or not response.choices:
+            raise MalformedResponse(
+                "the response is not a chat completion with choices",
+                provider=self.name,
+                model=request.model,
+                body=_clip(response if isinstance(response, str) else repr(response)),
+            )
+        choice = response.choices[0]
+        return Completion(
+            text=choice.message.content or "",
+            finish_reason=choice.finish_reason,
+            usage=_usage(response.usage),
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        params = self._params(request)
+        try:
+            stream: Any = await self._client.chat.completions.create(
+                **params, stream=True, stream_options={"include_usage": True}
+            )
+        except Exception as error:
+            raise self._translate(error, request.model) from None
+        received: list[str] = []
+        finished = False
+        try:
+            async for chunk in stream:
+                if not isinstance(chunk, ChatCompletionChunk):
+                    raise MalformedResponse(
+                        "a stream event is not a chat completion chunk",
+                        provider=self.name,
+                        model=request.model,
+                    )
+                text = ""
+                reason = None
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    text = choice.delta.content or "" if choice.delta else ""
+                    reason = choice.finish_reason
+                usage = _usage(chunk.usage)
+                if reason:
+                    finished = True
+                if text:
+                    received.append(text)
+                if text or reason or usage:
+                    yield StreamChunk(text=text, finish_reason=reason, usage=usage)
+        except ProviderError as error:
+            if received:
+                raise StreamInterrupted(
+                    f"the stream broke after {len(''.join(received))} characters: {error}",
+                    partial="".join(received),
+                    provider=self.name,
+                    model=request.model,
+                ) from None
+            raise
+        except Exception as error:
+            translated = self._translate(error, request.model)
+            if received:
+                raise StreamInterrupted(
+                    f"the stream broke after {len(''.join(received))} characters: {translated}",
+                    partial="".join(received),
+                    provider=self.name,
+                    model=request.model,
+                ) from None
+            raise translated from None
+        finally:
+            await stream.close()
+        if not finished:
+            message = "the stream ended without a finish_reason"
+            if received:
+                raise StreamInterrupted(
+                    message, partial="".join(received), provider=self.name, model=request.model
+                )
+            raise MalformedResponse(message, provider=self.name, model=request.model)
+
+    def _translate(self, error: Exception, model: str) -> ProviderError:
+        """Map SDK and transport exceptions onto our tree, keeping no reference to the client."""
+        where: dict[str, Any] = {"provider": self.name, "model": model}
+        if isinstance(error, ProviderError):
+            return error
+        if isinstance(error, openai.APITimeoutError):
+            return ProviderTimeout("the request timed out", **where)
+        if isinstance(error, openai.APIConnectionError):
+            cause = error.__cause__ or error
+            return ProviderConnectionError(
+                f"connection failed: {type(cause).__name__}: {cause}", **where
+            )
+        if isinstance(error, openai.APIResponseValidationError):
+            return MalformedResponse(f"invalid response: {error.message}", **where)
+        if isinstance(error, openai.APIStatusError):
+            status = error.response.status_code
+            body = _clip(_body_text(error))
+            message = f"HTTP {status}: {_error_message(error)}"
+            if status == 429:
+                return RateLimited(
+                    message,
+                    retry_after=parse_retry_after(error.response.headers),
+                    body=body,
+                    **where,
+                )
+            if status in (400, 413, 422) and any(s in (body or "").lower() for s in _CONTEXT_SIGNS):
+                return ContextLengthExceeded(message, status_code=status, body=body, **where)
+            retry_after = parse_retry_after(error.response.headers)
+            if status == 503 and retry_after is not None:
+                return RateLimited(
+                    message, retry_after=retry_after, body=body, status_code=503, **where
+                )
+            return ProviderStatusError(message, status_code=status, body=body, **where)
+        if isinstance(error, json.JSONDecodeError):
+            return MalformedResponse(f"unreadable response: {error}", **where)
+        if isinstance(error, httpx2.HTTPError | OSError):
+            # Transport errors raised while iterating a stream bypass the SDK's wrapping.
+            return ProviderConnectionError(f"{type(error).__name__}: {error}", **where)
+        raise error  # a bug, not an upstream failure: never retried or hidden
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds the server asked us to wait: `retry-after-ms`, or `Retry-After` (seconds or date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _usage(usage: Any) -> Usage | None:
+    if usage is None:
+        return None
+    return Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
+
+
+def _body_text(error: openai.APIStatusError) -> str:
+    try:
+        return error.response.text
+    except Exception:  # a streamed response whose body was never read
+        return str(error.body or "")
+
+
+def _error_message(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:_BODY_LIMIT]
+        if isinstance(inner, str):
+            return inner[:_BODY_LIMIT]
+    text = _body_text(error).strip()
+    return (text[:200] + "…") if len(text) > 200 else (text or error.response.reason_phrase)
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= _BODY_LIMIT else text[:_BODY_LIMIT] + "…"

@@ -1,0 +1,177 @@
+"""Typed results of a MoA run, and the events a streamed run yields.
+
+Every agent call ends as an `AgentResult` with a status, never as a string such as
+"Error: ...": only results whose status is usable are ever shown to a later layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "AgentFinished",
+    "AgentResult",
+    "AgentStarted",
+    "Done",
+    "Event",
+    "LayerResult",
+    "RunResult",
+    "TextDelta",
+    "Usage",
+]
+
+#: ok: a usable answer. truncated: usable, but cut by max_tokens. empty: the model said nothing.
+#: failed: the call raised. cancelled: the layer moved on without it (deadline, enough answers).
+AgentStatus = Literal["ok", "truncated", "empty", "failed", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AgentResult:
+    """What one agent produced in one layer (retries included)."""
+
+    layer: int
+    index: int
+    provider: str
+    model: str
+    status: AgentStatus
+    output: str = ""
+    error: str | None = None
+    latency_s: float = 0.0
+    usage: Usage = field(default_factory=Usage)
+    attempts: int = 1
+    #: References cut to fit this agent's context window, if any.
+    references_trimmed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """A usable answer that later layers may see."""
+        return self.status in ("ok", "truncated")
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}/{self.model}#{self.index}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "provider": self.provider,
+            "output": self.output,
+            "ok": self.ok,
+            "status": self.status,
+            "error": self.error,
+            "latency_s": round(self.latency_s, 4),
+            "usage": self.usage.to_dict(),
+            "attempts": self.attempts,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LayerResult:
+    index: int
+    agents: tuple[AgentResult, ...]
+    latency_s: float
+
+    @property
+    def answers(self) -> list[str]:
+        """The usable answers, in agent order: what the next layer is shown."""
+        return [r.output for r in self.agents if r.ok]
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """The outcome of one MoA run. `ok` is False only when the final answer broke midway."""
+
+    output: str
+    layers: tuple[LayerResult, ...]
+    aggregator: AgentResult
+    #: Every aggregator attempt in order: fallbacks tried before the one that answered.
+    aggregator_attempts: tuple[AgentResult, ...]
+    latency_s: float
+    ttft_s: float | None
+    ok: bool = True
+    error: str | None = None
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for layer in self.layers:
+            for agent in layer.agents:
+                total = total + agent.usage
+        for attempt in self.aggregator_attempts:
+            total = total + attempt.usage
+        return total
+
+    @property
+    def calls(self) -> list[AgentResult]:
+        return [a for layer in self.layers for a in layer.agents] + list(self.aggregator_attempts)
+
+    def to_dict(self) -> dict[str, Any]:
+        usage = self.usage
+        return {
+            "output": self.output,
+            "ok": self.ok,
+            "error": self.error,
+            "layers": [[a.to_dict() for a in layer.agents] for layer in self.layers],
+            "aggregator": self.aggregator.to_dict(),
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+            },
+            "latency_s": round(self.latency_s, 4),
+            "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStarted:
+    layer: int
+    index: int
+    provider: str
+    model: str
+    #: True for the final aggregation call (layer == number of proposer layers + 1).
+    is_aggregator: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFinished:
+    result: AgentResult
+    is_aggregator: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of the final answer, as the aggregator streams it."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    result: RunResult
+
+
+Event = AgentStarted | AgentFinished | TextDelta | Done

@@ -1,0 +1,66 @@
+"""Shared fixtures: one fake OpenAI-compatible server for the session, reset for every test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from moa import MoA, parse_config
+from moa.config import ConfigFile
+from moa.testing import FakeOpenAIServer
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake(fake_server: FakeOpenAIServer) -> Iterator[FakeOpenAIServer]:
+    """The fake server with no scripts and an empty request log."""
+    fake_server.reset()
+    yield fake_server
+    fake_server.reset()
+
+
+@pytest.fixture(autouse=True)
+def _no_real_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests must never reach a real provider with a real key."""
+    for name in ("OPENAI_API_KEY", "TOGETHER_API_KEY", "GROQ_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+ConfigMaker = Callable[..., ConfigFile]
+
+
+@pytest.fixture
+def make_config(fake: FakeOpenAIServer) -> ConfigMaker:
+    """A config whose single provider `fake` points at the fake server."""
+
+    def make(**pipeline: Any) -> ConfigFile:
+        data: dict[str, Any] = {"providers": {"fake": {"base_url": fake.base_url}}}
+        data.update(pipeline)
+        return parse_config(data)
+
+    return make
+
+
+@pytest.fixture
+def make_moa(make_config: ConfigMaker) -> Iterator[Callable[..., MoA]]:
+    opened: list[MoA] = []
+
+    def make(**pipeline: Any) -> MoA:
+        moa = MoA.from_config(make_config(**pipeline))
+        opened.append(moa)
+        return moa
+
+    yield make
+    for moa in opened:
+        moa.close()
+
+
+def agents(*models: str, **settings: Any) -> list[dict[str, Any]]:
+    return [{"model": m, **settings} for m in models]
