@@ -392,8 +392,8 @@ class MoA:
         self.close()
 
     def __repr__(self) -> str:
-        pipeline = self.pipeline
-        return f"MoA(name={self.name!r}, layers={pipeline.total_layers}, calls={pipeline.call_count})"
+        layers, calls = self.pipeline.total_layers, self.pipeline.call_count
+        return f"MoA(name={self.name!r}, layers={layers}, calls={calls})"
 
 
 _FINISHED: Any = object()
