@@ -92,9 +92,15 @@ async def _prepare(provider: Provider, call: AgentCall, reference_budget: int | 
         return _Prompt(messages, tokens, reference_tokens, False)
 
     sizes = [await count_text(text) for text in call.references]
-    fitted, trimmed = fit_references(call.references, sizes, budget, await count_text(CUT_MARKER))
-    messages = build(fitted)
-    tokens = await count(messages)
+    marker = await count_text(CUT_MARKER)
+    limit = window - agent.max_tokens
+    for _ in range(4):  # cutting by characters is approximate: check, and tighten if needed
+        fitted, trimmed = fit_references(call.references, sizes, budget, marker)
+        messages = build(fitted)
+        tokens = await count(messages)
+        if tokens <= limit and (reference_budget is None or tokens - overhead <= reference_budget):
+            break
+        budget -= max(tokens - limit, 1) + 8
     return _Prompt(messages, tokens, tokens - overhead, trimmed)
 
 

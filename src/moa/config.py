@@ -175,8 +175,10 @@ class PipelineConfig(CallSettings):
             if self.layers < 1:
                 raise ValueError("layers: must be at least 1 (1 means the aggregator alone)")
             if self.layers > 1 and not self.proposers:
+                default = "" if "layers" in self.model_fields_set else " (the default)"
                 raise ValueError(
-                    f"proposers: layers is {self.layers}, so at least one proposer is needed"
+                    f"proposers: layers is {self.layers}{default}, so at least one proposer "
+                    "is needed (or set layers: 1 for the aggregator alone)"
                 )
         elif self.proposers:
             raise ValueError(

@@ -7,6 +7,7 @@ backoff is decided in one place.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import time
@@ -56,22 +57,33 @@ class OpenAICompatibleProvider:
         self.name = name
         self.base_url = base_url
         self._context_window = context_window
+        self._api_key = api_key
         # With no key we send no Authorization header at all (never "Bearer None"), and an
         # explicit "" stops the SDK from picking up OPENAI_API_KEY meant for another endpoint.
-        headers: dict[str, Any] = {
-            "OpenAI-Organization": openai.omit,
-            "OpenAI-Project": openai.omit,
-        }
         self._extra_headers: dict[str, Any] = {} if api_key else {"Authorization": openai.omit}
-        self._client = openai.AsyncOpenAI(
-            api_key=api_key or "",
-            base_url=base_url,
-            max_retries=0,
-            default_headers=headers,
-            # A keyless local server (Ollama, vLLM, llama.cpp) is legitimate; the SDK's own
-            # "missing credentials" check would refuse it.
-            _enforce_credentials=bool(api_key),
-        )
+        self._client: openai.AsyncOpenAI | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client of the running event loop.
+
+        Pooled connections belong to the loop that opened them, so a caller who runs us from
+        a new loop (two `asyncio.run` calls, say) gets a new client instead of dead sockets.
+        """
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client = openai.AsyncOpenAI(
+                api_key=self._api_key or "",
+                base_url=self.base_url,
+                max_retries=0,
+                default_headers={"OpenAI-Organization": openai.omit, "OpenAI-Project": openai.omit},
+                # A keyless local server (Ollama, vLLM, llama.cpp) is legitimate; the SDK's own
+                # "missing credentials" check would refuse it.
+                _enforce_credentials=bool(self._api_key),
+            )
+            self._client_loop = loop
+        return self._client
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleProvider(name={self.name!r}, base_url={self.base_url!r})"
@@ -83,7 +95,11 @@ class OpenAICompatibleProvider:
         return self._context_window
 
     async def aclose(self) -> None:
-        await self._client.close()
+        client, loop = self._client, self._client_loop
+        self._client = self._client_loop = None
+        if client is not None and loop is asyncio.get_running_loop():
+            await client.close()
+        # A client of a finished loop cannot be closed from this one; its sockets went with it.
 
     def _params(self, request: ChatRequest) -> dict[str, Any]:
         params: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
@@ -99,7 +115,7 @@ class OpenAICompatibleProvider:
 
     async def complete(self, request: ChatRequest) -> Completion:
         try:
-            response: Any = await self._client.chat.completions.create(**self._params(request))
+            response: Any = await self.client.chat.completions.create(**self._params(request))
         except Exception as error:
             raise self._translate(error, request.model) from None
         if not isinstance(response, ChatCompletion) or not response.choices:
@@ -119,7 +135,7 @@ class OpenAICompatibleProvider:
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         params = self._params(request)
         try:
-            stream: Any = await self._client.chat.completions.create(
+            stream: Any = await self.client.chat.completions.create(
                 **params, stream=True, stream_options={"include_usage": True}
             )
         except Exception as error:

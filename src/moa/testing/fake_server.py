@@ -57,7 +57,7 @@ class Reply:
     hang: float | None = None
     finish_reason: str = "stop"
     #: Streaming: seconds between chunks, and how many chunks to send before dropping the
-    #: connection (None: send everything).
+    #: connection (None: send everything). Not streaming: any value sends half the body.
     chunk_delay: float = 0.0
     cut_after_chunks: int | None = None
     #: Send `"content": null` instead of text.
@@ -207,6 +207,14 @@ class FakeOpenAIServer:
                     media_type="text/event-stream",
                     headers=reply.headers,
                 )
+            if reply.cut_after_chunks is not None:  # a body that stops short of its length
+                streaming_started = True
+                payload = json.dumps(self._completion(record, reply, text)).encode()
+                return StreamingResponse(
+                    self._truncated(payload, record),
+                    media_type="application/json",
+                    headers={**reply.headers, "content-length": str(len(payload))},
+                )
             return JSONResponse(self._completion(record, reply, text), headers=reply.headers)
         finally:
             if not streaming_started:
@@ -254,6 +262,13 @@ class FakeOpenAIServer:
             ],
             "usage": self._usage(record, reply, text),
         }
+
+    async def _truncated(self, payload: bytes, record: RecordedRequest) -> AsyncIterator[bytes]:
+        try:
+            yield payload[: len(payload) // 2]
+            raise ConnectionAbortedError("scripted cut")
+        finally:
+            self._finish(record)
 
     async def _sse(
         self, request: Request, record: RecordedRequest, reply: Reply, text: str
