@@ -12,25 +12,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from moa._secrets import _SECRETS, redact, register_secret
 from moa.errors import ConfigError
 
-__all__ = ["Environment", "RedactingFilter", "install_redaction", "redact"]
-
-_SECRETS: set[str] = set()
-#: Shorter values are not treated as secrets: replacing them would mangle ordinary text.
-_MIN_SECRET_LENGTH = 6
-
-
-def register_secret(value: str) -> None:
-    if len(value) >= _MIN_SECRET_LENGTH:
-        _SECRETS.add(value)
-
-
-def redact(text: str) -> str:
-    for secret in _SECRETS:
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
+__all__ = ["Environment", "RedactingFilter", "install_redaction", "redact", "register_secret"]
 
 
 class RedactingFilter(logging.Filter):

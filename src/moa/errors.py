@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from moa._secrets import redact
+
 if TYPE_CHECKING:
     from moa.results import AgentResult, RunResult
 
@@ -89,8 +91,9 @@ class ProviderError(MoAError):
         self.provider = provider
         self.model = model
         self.status_code = status_code
-        self.body = body
-        super().__init__(message)
+        # Upstream bodies sometimes echo the key back ("Incorrect API key provided: sk-…").
+        self.body = None if body is None else redact(body)
+        super().__init__(redact(message))
 
     def describe(self) -> str:
         """A one-line account of the failure, naming where it happened."""

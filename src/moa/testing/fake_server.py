@@ -313,7 +313,7 @@ class FakeOpenAIServer:
             self.app,
             host=self.host,
             port=self.port,
-            log_level="warning",
+            log_level="critical",  # scripted faults would log tracebacks
             lifespan="off",
             timeout_graceful_shutdown=1,
         )
