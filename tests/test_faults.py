@@ -306,7 +306,7 @@ def test_a_second_context_length_400_is_a_clear_error(fake: FakeOpenAIServer, ma
     assert len(fake.requests_for("agg")) == 2
 
 
-# --- budget and usage ------------------------------------------------------------------------------
+# --- budget and usage ----------------------------------------------------------------------
 
 
 def test_max_total_tokens_stops_the_run_before_a_call_would_exceed_it(
@@ -351,3 +351,42 @@ def test_concurrent_runs_share_nothing(fake: FakeOpenAIServer, make_moa) -> None
     for request in fake.requests_for("agg"):
         question = request.messages[-1]["content"]
         assert question.startswith("question ")
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 503])
+def test_transient_statuses_are_retried(fake: FakeOpenAIServer, make_moa, status: int) -> None:
+    fake.script("p1", Reply(status=status))
+    result = run(make_moa(proposers=agents("p1"), aggregator={"model": "agg"}))
+    assert result.layers[0].agents[0].ok and result.layers[0].agents[0].attempts == 2
+
+
+def test_a_refused_connection_is_retried_then_reported(fake: FakeOpenAIServer) -> None:
+    from moa import parse_config
+
+    config = parse_config(
+        {
+            "providers": {
+                "fake": {"base_url": fake.base_url},
+                "down": {"base_url": "http://127.0.0.1:9/v1"},  # the discard port: nothing listens
+            },
+            "proposers": [{"provider": "down", "model": "x"}, {"provider": "fake", "model": "p"}],
+            "aggregator": {"provider": "fake", "model": "agg"},
+            "max_attempts": 2,
+        }
+    )
+    with MoA.from_config(config) as moa:
+        result = moa.run(Q)
+    down = result.layers[0].agents[0]
+    assert down.status == "failed" and down.attempts == 2
+    assert "connection failed" in (down.error or "")
+    assert result.output == "agg answer 0"
+
+
+def test_error_messages_and_bodies_never_carry_a_registered_key() -> None:
+    from moa.env import Environment
+    from moa.errors import ProviderStatusError
+
+    key = Environment({"K": "sk-live-0123456789abcdef"}).api_key("K", "p")
+    error = ProviderStatusError(f"HTTP 401: bad key {key}", status_code=401, body=f'"{key}"')
+    assert key not in str(error) and key not in (error.body or "") and key not in repr(error)
+    assert "***" in str(error)

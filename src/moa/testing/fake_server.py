@@ -227,14 +227,18 @@ class FakeOpenAIServer:
                 self.in_flight -= 1
 
     async def _wait(self, request: Request, seconds: float, record: RecordedRequest) -> bool:
-        """Sleep, but notice a client that hangs up. False if it did."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, 0.02))
-            if await request.is_disconnected():
-                record.disconnected = True
-                return False
-        return True
+        """Sleep exactly `seconds`, unless the client hangs up first. False if it did.
+
+        The body has been read, so the next ASGI message can only be the disconnect.
+        """
+        try:
+            message = await asyncio.wait_for(request.receive(), timeout=seconds)
+        except TimeoutError:
+            return True
+        if message["type"] == "http.disconnect":
+            record.disconnected = True
+            return False
+        return True  # pragma: no cover - no other message follows a fully read body
 
     def _usage(self, record: RecordedRequest, reply: Reply, text: str) -> dict[str, int]:
         prompt, completion = reply.usage or (len(record.text) // 4 + 1, len(text) // 4 + 1)

@@ -1,0 +1,69 @@
+"""How close a MoA run comes to its critical path.
+
+A run with L layers whose calls each take `latency` seconds cannot finish before
+(L - 1) x latency (the proposer layers, each as slow as one call when its agents run
+concurrently) + latency (the aggregator). This script runs a 3-layer MoA with 6 proposers
+against the fake server at a fixed per-call latency and prints end-to-end latency and time
+to first token as ratios to that bound. Target: <= 1.05.
+
+    python benchmarks/overhead.py [--latency 1.0] [--runs 10] [--proposers 6] [--layers 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from moa import MoA, parse_config
+
+from _fake_upstream import fake_upstream
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=1.0, help="seconds per upstream call")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--proposers", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=3)
+    args = parser.parse_args()
+
+    with fake_upstream("--latency", str(args.latency)) as base_url:
+        config = parse_config(
+            {
+                "providers": {"fake": {"base_url": base_url}},
+                "proposers": [{"model": f"proposer-{i}"} for i in range(args.proposers)],
+                "aggregator": {"model": "aggregator"},
+                "layers": args.layers,
+            }
+        )
+        bound = args.layers * args.latency
+        with MoA.from_config(config) as moa:
+            moa.run("warm up the connection pool")
+            totals, ttfts = [], []
+            for run in range(args.runs):
+                started = time.perf_counter()
+                result = moa.run(f"question {run}")
+                totals.append(time.perf_counter() - started)
+                assert result.ttft_s is not None
+                ttfts.append(result.ttft_s)
+
+    calls = args.proposers * (args.layers - 1) + 1
+    print(
+        f"{args.layers} layers, {args.proposers} proposers, {calls} calls per run, "
+        f"{args.latency:g} s per call, {args.runs} runs"
+    )
+    print(f"critical-path bound: {bound:.3f} s")
+    for name, values in (("end-to-end", totals), ("time to first token", ttfts)):
+        median, worst = statistics.median(values), max(values)
+        print(
+            f"{name:>20}: median {median:.3f} s = {median / bound:.3f} x bound, "
+            f"worst {worst:.3f} s = {worst / bound:.3f} x bound, "
+            f"overhead {1000 * (median - bound):.0f} ms"
+        )
+    ratio = statistics.median(totals) / bound
+    print(f"target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'} ({ratio:.3f})")
+
+
+if __name__ == "__main__":
+    main()
