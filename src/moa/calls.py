@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from moa.budget import CUT_MARKER, RunBudget, fit_references
 from moa.config import DEFAULT_HTTP_CONTEXT_WINDOW, Agent
@@ -24,7 +24,7 @@ from moa.errors import (
     StreamInterrupted,
 )
 from moa.prompts import build_messages, fence_token
-from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider
+from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider, StreamChunk
 from moa.results import AgentResult, AgentStatus, Usage
 from moa.retry import decide_retry
 
@@ -112,7 +112,7 @@ async def _attempt(
     received: list[str],
 ) -> Completion:
     """One try, bounded by `timeout` (and `first_token_timeout` when streaming)."""
-    where = {"provider": provider.name, "model": agent.model}
+    where: dict[str, Any] = {"provider": provider.name, "model": agent.model}
     if on_text is None:
         try:
             async with asyncio.timeout(agent.timeout):
@@ -129,7 +129,7 @@ async def _attempt(
             try:
                 async with (
                     asyncio.timeout(agent.first_token_timeout) as first_token,
-                    contextlib.aclosing(provider.stream(request)) as chunks,
+                    _closing(provider.stream(request)) as chunks,
                 ):
                     async for chunk in chunks:
                         if chunk.text:
@@ -152,6 +152,19 @@ async def _attempt(
             error = StreamInterrupted(str(error), partial="".join(received), **where)
         raise error from None
     return Completion(text="".join(received), finish_reason=finish, usage=usage)
+
+
+@contextlib.asynccontextmanager
+async def _closing(
+    chunks: AsyncIterator[StreamChunk],
+) -> AsyncGenerator[AsyncIterator[StreamChunk]]:
+    """Close a provider's stream however we leave it, so its connection is released at once."""
+    try:
+        yield chunks
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _status(completion: Completion) -> AgentStatus:

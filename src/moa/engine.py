@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,7 @@ class MoA:
             self._runner = asyncio.Runner()
         return self._runner.run(self.arun(prompt))
 
-    async def stream(self, prompt: Prompt) -> AsyncIterator[Event]:
+    async def stream(self, prompt: Prompt) -> AsyncGenerator[Event, None]:
         """Run, yielding AgentStarted / AgentFinished as agents go, TextDelta as the final answer
         streams, and Done at the end. Stopping the iteration cancels every call in flight."""
         messages = normalize_messages(prompt)
@@ -410,7 +410,7 @@ class PipelineProvider:
         result = await self.moa.arun(list(request.messages))
         return Completion(text=result.output, finish_reason="stop", usage=result.usage)
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         async with contextlib.aclosing(self.moa.stream(list(request.messages))) as events:
             async for event in events:
                 if isinstance(event, TextDelta):

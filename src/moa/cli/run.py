@@ -135,7 +135,7 @@ def chat(
                     history.clear()
                     click.echo("(history cleared)", err=True)
                     continue
-                turn = [*history, {"role": "user", "content": text}]
+                turn: list[ChatMessage] = [*history, {"role": "user", "content": text}]
                 try:
                     result = await answer(moa, turn, show_text=True, status=status)
                 except RunError as error:

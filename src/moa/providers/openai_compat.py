@@ -11,7 +11,7 @@ import asyncio
 import email.utils
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import httpx2
@@ -61,6 +61,11 @@ class OpenAICompatibleProvider:
         # With no key we send no Authorization header at all (never "Bearer None"), and an
         # explicit "" stops the SDK from picking up OPENAI_API_KEY meant for another endpoint.
         self._extra_headers: dict[str, Any] = {} if api_key else {"Authorization": openai.omit}
+        # Nor do we forward OPENAI_ORG_ID / OPENAI_PROJECT_ID, which the SDK reads by default.
+        self._default_headers: Any = {
+            "OpenAI-Organization": openai.omit,
+            "OpenAI-Project": openai.omit,
+        }
         self._client: openai.AsyncOpenAI | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -77,7 +82,7 @@ class OpenAICompatibleProvider:
                 api_key=self._api_key or "",
                 base_url=self.base_url,
                 max_retries=0,
-                default_headers={"OpenAI-Organization": openai.omit, "OpenAI-Project": openai.omit},
+                default_headers=self._default_headers,
                 # A keyless local server (Ollama, vLLM, llama.cpp) is legitimate; the SDK's own
                 # "missing credentials" check would refuse it.
                 _enforce_credentials=bool(self._api_key),
@@ -132,7 +137,7 @@ class OpenAICompatibleProvider:
             usage=_usage(response.usage),
         )
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         params = self._params(request)
         try:
             stream: Any = await self.client.chat.completions.create(

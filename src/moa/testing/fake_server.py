@@ -209,11 +209,11 @@ class FakeOpenAIServer:
                 )
             if reply.cut_after_chunks is not None:  # a body that stops short of its length
                 streaming_started = True
-                payload = json.dumps(self._completion(record, reply, text)).encode()
+                whole = json.dumps(self._completion(record, reply, text)).encode()
                 return StreamingResponse(
-                    self._truncated(payload, record),
+                    self._truncated(whole, record),
                     media_type="application/json",
-                    headers={**reply.headers, "content-length": str(len(payload))},
+                    headers={**reply.headers, "content-length": str(len(whole))},
                 )
             return JSONResponse(self._completion(record, reply, text), headers=reply.headers)
         finally:
