@@ -90,7 +90,8 @@ def test_named_pipelines_share_providers_and_top_level_defaults() -> None:
             "cloud-metadata address fd00:ec2::254",
         ),
         (
-            "providers: {x: {base_url: http://h/v1}}\nlayers: 1\naggregator: {model: m, provider: y}",
+            "providers: {x: {base_url: http://h/v1}}\nlayers: 1\n"
+            "aggregator: {model: m, provider: y}",
             "provider 'y', which is not under 'providers'",
         ),
         (
@@ -110,7 +111,8 @@ def test_named_pipelines_share_providers_and_top_level_defaults() -> None:
             "layers is 2 (the default), so at least one proposer is needed",
         ),
         (
-            "providers: {x: {base_url: http://h/v1, api_key_env: sk-abc123}}\naggregator: {model: m}",
+            "providers: {x: {base_url: http://h/v1, api_key_env: sk-abc123}}\n"
+            "aggregator: {model: m}",
             "must be the NAME of an environment variable",
         ),
         (
@@ -119,7 +121,8 @@ def test_named_pipelines_share_providers_and_top_level_defaults() -> None:
             "min_ok is 2 but the layer has only 1 agents",
         ),
         (
-            "providers: {x: {base_url: http://h/v1}}\naggregator: {model: m}\nlayers: [[{model: a}]]\n"
+            "providers: {x: {base_url: http://h/v1}}\naggregator: {model: m}\n"
+            "layers: [[{model: a}]]\n"
             "proposers: [{model: a}]",
             "not both",
         ),
