@@ -22,9 +22,8 @@ class AgentStatusView:
         self._live: Live | None = None
 
     def __enter__(self) -> AgentStatusView:
-        self._live = Live(
-            self._render(), console=self.console, refresh_per_second=8, transient=False
-        )
+        # Live re-renders `self` (through __rich__) on every refresh, so timers keep ticking.
+        self._live = Live(self, console=self.console, refresh_per_second=8, transient=False)
         self._live.__enter__()
         return self
 
@@ -33,7 +32,7 @@ class AgentStatusView:
 
     def stop(self) -> None:
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.refresh()
             self._live.__exit__(None, None, None)
             self._live = None
 
@@ -52,9 +51,9 @@ class AgentStatusView:
             if row is not None:
                 row["result"] = event.result
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.refresh()
 
-    def _render(self) -> Table:
+    def __rich__(self) -> Table:
         table = Table.grid(padding=(0, 2))
         for (layer, _index), row in sorted(self._rows.items()):
             result = row["result"]
