@@ -22,7 +22,8 @@ def build_providers(
     configs: dict[str, ProviderConfig], used: Iterable[str], env: Environment
 ) -> dict[str, Provider]:
     """Instantiate the providers a pipeline uses. Every missing key is reported before any
-    request is made, in one ConfigError naming the variables."""
+    request is made, in one ConfigError naming the variables. A provider whose config sets
+    max_concurrency, rpm or tpm comes wrapped in a `RateLimitedProvider`."""
     names = sorted(set(used))
     missing = [
         f"{configs[n].api_key_env} (provider {n!r})"
@@ -52,5 +53,15 @@ def build_providers(
             assert config.base_url is not None  # checked by ProviderConfig
             providers[name] = OpenAICompatibleProvider(
                 name, base_url=config.base_url, api_key=key, context_window=config.context_window
+            )
+        if config.max_concurrency is not None or config.rpm or config.tpm:
+            # One limiter per provider, shared by every pipeline, row and agent that uses it.
+            from moa.providers.limits import RateLimitedProvider
+
+            providers[name] = RateLimitedProvider(
+                providers[name],
+                max_concurrency=config.max_concurrency,
+                rpm=config.rpm,
+                tpm=config.tpm,
             )
     return providers

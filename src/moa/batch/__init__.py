@@ -1,0 +1,14 @@
+"""`moa batch`: run a pipeline over a dataset, resumably, with exports for benchmark tools.
+
+rows.py      reading and checking the input (AlpacaEval, MT-Bench, OpenAI messages)
+store.py     the append-only, fsynced, lockable output that runs resume from
+runner.py    rows concurrently through the pipeline, each saved as it ends
+export.py    AlpacaEval and MT-Bench (FastChat) answer files
+progress.py  the bar on a terminal, periodic lines elsewhere
+"""
+
+from moa.batch.rows import InputError, Row, load_rows
+from moa.batch.runner import RowOutcome, run_batch, run_row
+from moa.batch.store import OutputStore
+
+__all__ = ["InputError", "OutputStore", "Row", "RowOutcome", "load_rows", "run_batch", "run_row"]

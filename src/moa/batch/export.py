@@ -1,0 +1,129 @@
+"""Exports of a batch output in the formats the benchmark tools read.
+
+    alpaca_eval  a JSON list of {instruction, output, generator, dataset}: the model outputs
+                 file `alpaca_eval --model_outputs` takes
+    mt_bench     FastChat's model-answer JSONL, one {question_id, answer_id, model_id,
+                 choices: [{index, turns}], tstamp} per question (data/mt_bench/model_answer/)
+
+Rows come out in input order, finished rows only; an export is rewritten whole after every
+run, atomically, so it never holds half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from moa.batch.rows import InputError, Row
+
+__all__ = ["ExportFormat", "ExportSummary", "check_exportable", "default_export_path", "export"]
+
+ExportFormat = Literal["alpaca_eval", "mt_bench"]
+_SUFFIX: dict[ExportFormat, str] = {
+    "alpaca_eval": ".alpaca_eval.json",
+    "mt_bench": ".mt_bench.jsonl",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSummary:
+    path: Path
+    written: int
+    #: Input rows with no finished answer yet (failed, or not run).
+    missing: int
+
+
+def default_export_path(output: Path, fmt: ExportFormat) -> Path:
+    """Beside the output: answers.jsonl → answers.alpaca_eval.json / answers.mt_bench.jsonl."""
+    return output.with_name(output.stem + _SUFFIX[fmt])
+
+
+def check_exportable(rows: Sequence[Row], fmt: ExportFormat, source: Path) -> None:
+    """Refuse, before anything runs, an input the format cannot represent."""
+    if fmt != "alpaca_eval":
+        return
+    for row in rows:
+        if len(row.turns) > 1:
+            raise InputError(
+                f"{source} {row.where}: has {len(row.turns)} turns, but alpaca_eval is "
+                "single-turn: use --format mt_bench (or jsonl) for multi-turn rows"
+            )
+
+
+def export(
+    fmt: ExportFormat,
+    path: Path,
+    rows: Sequence[Row],
+    records: Mapping[str, Mapping[str, Any]],
+    *,
+    generator: str,
+) -> ExportSummary:
+    finished = [(row, records[row.key]) for row in rows if _finished(records.get(row.key))]
+    if fmt == "alpaca_eval":
+        items = [_alpaca_eval(row, record, generator) for row, record in finished]
+        text = json.dumps(items, ensure_ascii=False, indent=2) + "\n"
+    else:
+        text = "".join(
+            json.dumps(_mt_bench(row, record, generator), ensure_ascii=False) + "\n"
+            for row, record in finished
+        )
+    _write_atomically(path, text)
+    return ExportSummary(path=path, written=len(finished), missing=len(rows) - len(finished))
+
+
+def _finished(record: Mapping[str, Any] | None) -> bool:
+    return record is not None and record.get("ok") is True
+
+
+def _alpaca_eval(row: Row, record: Mapping[str, Any], generator: str) -> dict[str, Any]:
+    dataset = row.data.get("dataset")
+    return {
+        "instruction": row.instruction,
+        "output": record.get("output", ""),
+        "generator": generator,
+        # AlpacaEval's own rows name their source set; other inputs have none to give.
+        "dataset": dataset if isinstance(dataset, str) else None,
+    }
+
+
+def _mt_bench(row: Row, record: Mapping[str, Any], generator: str) -> dict[str, Any]:
+    outputs = record.get("outputs") or [record.get("output", "")]
+    # FastChat makes a random id per answer; a stable one keeps reruns byte-identical.
+    answer_id = hashlib.sha256(f"{generator}\0{row.key}".encode()).hexdigest()[:22]
+    return {
+        "question_id": row.id,
+        "answer_id": answer_id,
+        "model_id": generator,
+        "choices": [{"index": 0, "turns": list(outputs)}],
+        "tstamp": _timestamp(record.get("finished_at")),
+    }
+
+
+def _timestamp(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.writing")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()

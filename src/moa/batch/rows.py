@@ -1,0 +1,164 @@
+"""Reading a batch input: JSONL or a JSON list, in AlpacaEval, MT-Bench or OpenAI shape.
+
+    {"instruction": "…"}                               AlpacaEval (an `input` field is appended)
+    {"question_id": 81, "turns": ["…", "…"]}           MT-Bench question.jsonl: turn by turn
+    {"id": "a", "messages": [{"role": …}, …]}          OpenAI messages, ending with the user's
+
+A row's id is its `id`, else its `question_id`, else its position (0-based). The whole input is
+checked before anything runs, and every problem is reported as one line naming the file, the
+row and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from moa.engine import normalize_messages
+from moa.errors import InvalidRequest
+from moa.providers.base import ChatMessage
+
+__all__ = ["InputError", "Row", "RowId", "id_key", "load_rows"]
+
+RowId = int | str
+RowKind = Literal["instruction", "turns", "messages"]
+_CONTENT_KEYS: tuple[RowKind, ...] = ("instruction", "turns", "messages")
+
+
+class InputError(InvalidRequest):
+    """The batch input cannot be run as given; the message says where and how to fix it."""
+
+
+def id_key(row_id: RowId) -> str:
+    """A row id as a stable string: 7 and "7" stay distinct, as they are in the input."""
+    return json.dumps(row_id, ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input row, checked and ready to run."""
+
+    id: RowId
+    kind: RowKind
+    #: Messages before the first turn (an OpenAI row's system prompt and earlier exchanges).
+    history: tuple[ChatMessage, ...]
+    #: The user's messages, run one after another, each with the earlier answers in the history.
+    turns: tuple[str, ...]
+    #: The row exactly as given, kept in the output so a result stands on its own.
+    data: dict[str, Any] = field(repr=False)
+    #: Where the row is, for messages: "line 4" (JSONL) or "row 4" (a JSON list).
+    where: str = ""
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+    @property
+    def instruction(self) -> str:
+        """The prompt as AlpacaEval knows it: the instruction, else the last user message."""
+        instruction = self.data.get("instruction")
+        return instruction if isinstance(instruction, str) else self.turns[-1]
+
+
+def load_rows(path: Path) -> list[Row]:
+    """Every row of `path`, or an InputError naming the first problem."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such input file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read it ({error})") from None
+    items = _parse(path, text)
+    if not items:
+        raise InputError(f"{path}: no rows (expected JSONL, or a JSON list of objects)")
+    rows: list[Row] = []
+    seen: dict[str, str] = {}
+    for index, (where, item) in enumerate(items):
+        row = _row(path, where, index, item)
+        earlier = seen.get(row.key)
+        if earlier is not None:
+            raise InputError(
+                f"{path} {where}: id {row.id!r} is already used at {earlier}: "
+                "ids must be unique (fix them, or drop the id fields to number rows by position)"
+            )
+        seen[row.key] = where
+        rows.append(row)
+    return rows
+
+
+def _parse(path: Path, text: str) -> list[tuple[str, Any]]:
+    """(where, value) for every row; a JSON list if the text starts with '[', else JSONL."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(
+                f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+            ) from None
+        return [(f"row {number}", item) for number, item in enumerate(data, start=1)]
+    items: list[tuple[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise InputError(
+                f"{path} line {number}: not valid JSON ({error.msg}): the input must be JSONL "
+                "(one JSON object per line) or a JSON list"
+            ) from None
+    return items
+
+
+def _row(path: Path, where: str, index: int, item: Any) -> Row:
+    def fail(problem: str) -> InputError:
+        return InputError(f"{path} {where}: {problem}")
+
+    if not isinstance(item, dict):
+        raise fail(
+            f"expected a JSON object with 'instruction', 'turns' or 'messages', "
+            f"got {type(item).__name__}"
+        )
+    present = [key for key in _CONTENT_KEYS if key in item]
+    if not present:
+        raise fail("no 'instruction', 'turns' or 'messages': every row needs one of them")
+    if len(present) > 1:
+        raise fail(f"has both {present[0]!r} and {present[1]!r}: keep one of them")
+    kind = present[0]
+
+    row_id: Any = item.get("id", item.get("question_id", index))
+    if isinstance(row_id, bool) or not isinstance(row_id, int | str) or row_id == "":
+        field_name = "id" if "id" in item else "question_id"
+        raise fail(f"{field_name!r} must be a non-empty string or an integer, got {row_id!r}")
+
+    history: tuple[ChatMessage, ...] = ()
+    if kind == "instruction":
+        instruction = item["instruction"]
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise fail("'instruction' must be a non-empty string")
+        extra = item.get("input")
+        if isinstance(extra, str) and extra.strip():  # Alpaca's optional context for the task
+            instruction = f"{instruction}\n\n{extra}"
+        turns: tuple[str, ...] = (instruction,)
+    elif kind == "turns":
+        raw = item["turns"]
+        if (
+            not isinstance(raw, list)
+            or not raw
+            or not all(isinstance(t, str) and t.strip() for t in raw)
+        ):
+            raise fail("'turns' must be a non-empty list of non-empty strings (the user's turns)")
+        turns = tuple(raw)
+    else:
+        raw = item["messages"]
+        if not isinstance(raw, list):
+            raise fail("'messages' must be a list of {role, content} objects")
+        try:
+            messages = normalize_messages(raw)
+        except InvalidRequest as error:
+            raise fail(f"messages: {error}") from None
+        history, turns = tuple(messages[:-1]), (messages[-1]["content"],)
+    return Row(id=row_id, kind=kind, history=history, turns=turns, data=item, where=where)

@@ -1,0 +1,178 @@
+"""Running a batch: rows concurrently through one MoA pipeline, each result saved as it ends.
+
+`concurrency` rows run at once (each row's agents run concurrently inside it); the limits on
+upstream calls are the providers' own (max_concurrency, rpm, tpm), shared by all rows. Rows are
+handed out from one iterator to a fixed set of workers, so a 100k-row input never becomes 100k
+pending tasks. A row that fails is saved with its error and its partial results; only a
+failure to write the output stops the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from moa.batch.progress import BatchStats, ProgressView
+from moa.batch.rows import Row
+from moa.batch.store import OutputStore
+from moa.config import Pipeline
+from moa.engine import MoA
+from moa.errors import InvalidRequest, RunError
+from moa.pricing import Cost, agent_cost, run_cost
+from moa.providers.base import ChatMessage
+from moa.results import RunResult, Usage
+
+__all__ = ["RowOutcome", "pipeline_fingerprint", "run_batch", "run_row"]
+
+log = logging.getLogger("moa.batch")
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    row: Row
+    ok: bool
+    #: One result per turn that ran (a failed turn's partial result included).
+    runs: tuple[RunResult, ...]
+    error: str | None
+    usage: Usage
+    cost: Cost
+    latency_s: float
+
+    @property
+    def outputs(self) -> list[str]:
+        """The final answer of each turn that succeeded."""
+        return [run.output for run in self.runs if run.ok]
+
+
+def pipeline_fingerprint(pipeline: Pipeline) -> str:
+    """A short hash of what decides the answers (agents, settings, layout), stored with every
+    row so that a resumed run can tell whether the output was made by another pipeline."""
+    shape = repr(
+        (
+            pipeline.layers,
+            pipeline.aggregator,
+            pipeline.fallbacks,
+            pipeline.references_in,
+            pipeline.max_total_tokens,
+        )
+    )
+    return hashlib.sha256(shape.encode("utf-8")).hexdigest()[:12]
+
+
+async def run_row(moa: MoA, row: Row) -> RowOutcome:
+    """Run one row turn by turn, each turn seeing the earlier turns' final answers."""
+    started = time.monotonic()
+    conversation: list[ChatMessage] = list(row.history)
+    runs: list[RunResult] = []
+    error: str | None = None
+    for number, turn in enumerate(row.turns, start=1):
+        conversation.append({"role": "user", "content": turn})
+        where = f"turn {number}: " if len(row.turns) > 1 else ""
+        try:
+            result = await moa.arun(conversation)
+        except RunError as failure:
+            if failure.result is not None:
+                runs.append(failure.result)
+            error = f"{where}{failure}"
+            break
+        except InvalidRequest as failure:  # checked when the input was read; kept as a guard
+            error = f"{where}{failure}"
+            break
+        except Exception as failure:  # a bug: keep the batch going, but say so loudly
+            log.warning("row %s: unexpected error", row.key, exc_info=True)
+            error = f"{where}internal error: {type(failure).__name__}: {failure}"
+            break
+        runs.append(result)
+        conversation.append({"role": "assistant", "content": result.output})
+    usage = Usage()
+    cost = Cost()
+    for run in runs:
+        usage = usage + run.usage
+        cost = cost + run_cost(moa.pipeline.providers, run)
+    return RowOutcome(
+        row=row,
+        ok=error is None,
+        runs=tuple(runs),
+        error=error,
+        usage=usage,
+        cost=cost,
+        latency_s=time.monotonic() - started,
+    )
+
+
+def row_record(
+    outcome: RowOutcome, *, generator: str, pipeline_id: str, moa: MoA
+) -> dict[str, Any]:
+    """The output line for a row: the answers first, then what produced them and the input."""
+    return {
+        "id": outcome.row.id,
+        "ok": outcome.ok,
+        "output": outcome.runs[-1].output if outcome.ok else "",
+        "outputs": outcome.outputs,
+        "error": outcome.error,
+        "generator": generator,
+        "pipeline": pipeline_id,
+        "usage": outcome.usage.to_dict(),
+        "cost_usd": outcome.cost.to_json(),
+        "latency_s": round(outcome.latency_s, 4),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "runs": [_run_details(run, moa) for run in outcome.runs],
+        "row": outcome.row.data,
+    }
+
+
+def _run_details(run: RunResult, moa: MoA) -> dict[str, Any]:
+    """RunResult.to_dict with each agent's cost beside its tokens."""
+    providers = moa.pipeline.providers
+    details = run.to_dict()
+    for layer, layer_dict in zip(run.layers, details["layers"], strict=True):
+        for agent, agent_dict in zip(layer.agents, layer_dict, strict=True):
+            agent_dict["cost_usd"] = agent_cost(providers, agent).to_json()
+    details["aggregator"]["cost_usd"] = agent_cost(providers, run.aggregator).to_json()
+    details["cost_usd"] = run_cost(providers, run).to_json()
+    return details
+
+
+async def run_batch(
+    moa: MoA,
+    rows: Sequence[Row],
+    store: OutputStore,
+    stats: BatchStats,
+    progress: ProgressView,
+    *,
+    concurrency: int,
+    generator: str,
+) -> BatchStats:
+    """Run every row not finished in `store`; returns `stats`, updated as rows finished."""
+    pending = iter([row for row in rows if row.key not in store.finished])
+    stats.started = time.monotonic()  # the rate counts rows, not the set-up before them
+    pipeline_id = pipeline_fingerprint(moa.pipeline)
+
+    async def worker() -> None:
+        for row in pending:  # one shared iterator: each row goes to exactly one worker
+            outcome = await run_row(moa, row)
+            record = row_record(outcome, generator=generator, pipeline_id=pipeline_id, moa=moa)
+            await store.append(record)
+            stats.usage = stats.usage + outcome.usage
+            stats.cost = stats.cost + outcome.cost
+            if outcome.ok:
+                stats.succeeded += 1
+            else:
+                stats.failed += 1
+            progress.update(stats)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, min(concurrency, stats.to_run))):
+                group.create_task(worker())
+    except BaseExceptionGroup as failures:
+        # Only a failure to save a row ends up here; report it as itself, not as a group.
+        raise failures.exceptions[0] from None
+    stats.ended = time.monotonic()
+    return stats

@@ -1,0 +1,263 @@
+"""The batch output: an append-only JSONL file that a run can be killed in and resumed from.
+
+Durability: a row is finished only once its line is written and fsynced. Lines are appended
+whole (O_APPEND, one write), so a `kill -9` can at worst leave the last line torn; on the next
+open a torn last line is cut off (a complete one that only lacks its newline is kept), and the
+rows it held simply run again. Appends are group-committed: rows finishing together share one
+write and one fsync, which runs in a worker thread so the event loop keeps serving calls.
+
+One record per row; a failed row's record is superseded by the record of a later attempt.
+When the run ends, superseded failure records are dropped by rewriting the file atomically
+(a temporary file, fsync, rename), so a finished output has each id exactly once.
+
+A second `moa batch` writing the same file would duplicate rows, so the file is locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moa.batch.rows import InputError, id_key
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory lock, documented limitation
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["OutputStore", "StoredRecord"]
+
+log = logging.getLogger("moa.batch")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A parsed output line."""
+
+    key: str
+    ok: bool
+    data: dict[str, Any]
+
+
+def _parse_record(line: bytes) -> StoredRecord | None:
+    try:
+        data = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or "id" not in data or not isinstance(data.get("ok"), bool):
+        return None
+    row_id = data["id"]
+    if isinstance(row_id, bool) or not isinstance(row_id, int | str):
+        return None
+    return StoredRecord(id_key(row_id), data["ok"], data)
+
+
+class OutputStore:
+    """The output file of one batch, opened for resuming. Use `OutputStore.open(path)`."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        #: Ids whose row is done: skipped on resume, never written again.
+        self.finished: set[str] = set()
+        #: Ids whose latest record is a failure: run again.
+        self.failed: set[str] = set()
+        self._superseded = 0
+        self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    # --- opening and recovery -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> OutputStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _compact_leftover(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as error:
+            raise InputError(f"{path}: cannot open the output file ({error.strerror})") from None
+        try:
+            _lock(fd, path)
+            store = cls(path, fd)
+            store._recover()
+        except BaseException:
+            os.close(fd)
+            raise
+        return store
+
+    def _recover(self) -> None:
+        with open(self.path, "rb") as file:
+            data = file.read()
+        if not data:
+            return
+        body, newline, tail = data.rpartition(b"\n")
+        lines = body.split(b"\n") if newline else []
+        if tail:  # the last line has no newline: the run before was killed while writing it
+            if _parse_record(tail) is not None:
+                os.write(self._fd, b"\n")  # whole, only the newline was lost: keep it
+                lines.append(tail)
+            else:
+                cut = len(data) - len(tail)
+                os.ftruncate(self._fd, cut)
+                os.fsync(self._fd)
+                log.warning(
+                    "%s: dropped a torn last line (%d bytes) left by an interrupted run; "
+                    "its row will run again",
+                    self.path,
+                    len(tail),
+                )
+        unreadable = 0
+        for line in lines:
+            if not line.strip():
+                continue
+            record = _parse_record(line)
+            if record is None:
+                unreadable += 1
+                continue
+            self._note(record)
+        if unreadable:
+            log.warning(
+                "%s: %d line(s) are not batch records; left as they are", self.path, unreadable
+            )
+
+    def _note(self, record: StoredRecord) -> None:
+        if record.key in self.finished or record.key in self.failed:
+            self._superseded += 1  # an earlier line for this id no longer counts
+        if record.key in self.finished:
+            return
+        if record.ok:
+            self.failed.discard(record.key)
+            self.finished.add(record.key)
+        else:
+            self.failed.add(record.key)
+
+    # --- appending --------------------------------------------------------------------------
+
+    async def append(self, record: Mapping[str, Any]) -> None:
+        """Write one row's record; returns once it is on disk."""
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        parsed = _parse_record(line)
+        assert parsed is not None, "a batch record needs an id and ok"
+        if parsed.key in self.finished:
+            raise ValueError(f"row {parsed.key} is already finished in {self.path}")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((line, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        await done
+        self._note(parsed)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                await asyncio.to_thread(self._write, b"".join(line for line, _ in batch))
+            except OSError as error:
+                failure = InputError(f"{self.path}: cannot write the output ({error.strerror})")
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(failure)
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        os.fsync(self._fd)
+
+    # --- reading back and closing ----------------------------------------------------------
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """The record that counts for each id: its finished one, else its latest failure."""
+        lines = _read_lines(self.path)
+        return {
+            key: record.data
+            for key, index in _authoritative(lines).items()
+            if (record := lines[index][1]) is not None
+        }
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer
+        try:
+            if self._superseded:
+                self._compact()
+        finally:
+            os.close(self._fd)
+
+    def _compact(self) -> None:
+        """Rewrite the file keeping one record per id (and any line that is not a record);
+        atomic, so a kill during it leaves either the old file or the new one."""
+        lines = _read_lines(self.path)
+        keep = set(_authoritative(lines).values())
+        temporary = _temporary(self.path)
+        with open(temporary, "wb") as target:
+            for index, (line, record) in enumerate(lines):
+                if record is None or index in keep:
+                    target.write(line + b"\n")
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(temporary, self.path)
+        _fsync_directory(self.path.parent)
+        self._superseded = 0
+
+
+def _read_lines(path: Path) -> list[tuple[bytes, StoredRecord | None]]:
+    """Every non-blank line with its record (None for a line that is not one)."""
+    with open(path, "rb") as file:
+        return [(line, _parse_record(line)) for raw in file if (line := raw.rstrip(b"\n")).strip()]
+
+
+def _authoritative(lines: list[tuple[bytes, StoredRecord | None]]) -> dict[str, int]:
+    """For each id, the line that counts: its first finished record, else its last failure."""
+    chosen: dict[str, int] = {}
+    finished: set[str] = set()
+    for index, (_, record) in enumerate(lines):
+        if record is None or record.key in finished:
+            continue
+        chosen[record.key] = index
+        if record.ok:
+            finished.add(record.key)
+    return chosen
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.compacting")
+
+
+def _compact_leftover(path: Path) -> None:
+    """A compaction killed before its rename leaves a temporary file: the real one is intact."""
+    with contextlib.suppress(FileNotFoundError):
+        _temporary(path).unlink()
+
+
+def _lock(fd: int, path: Path) -> None:
+    if fcntl is None:  # pragma: no cover
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(
+            f"{path}: another `moa batch` is writing this file; wait for it or use another --output"
+        ) from None
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not possible on every platform; the rename still holds
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,265 @@
+"""`moa batch`: a pipeline over a dataset, resumable, cached, with benchmark exports.
+
+    moa batch questions.jsonl -o answers.jsonl --config moa.yaml
+    moa batch alpaca_eval.json -o answers.jsonl --format alpaca_eval --generator my-moa
+    moa batch question.jsonl -o answers.jsonl --format mt_bench --export model_answer/my-moa.jsonl
+
+Rerunning the same command resumes: finished rows are skipped, failed ones retried, and with
+the call cache the retried rows' proposers that already answered are not called again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Literal
+
+import click
+
+from moa.batch.export import ExportFormat, check_exportable, default_export_path, export
+from moa.batch.progress import BatchStats, make_progress
+from moa.batch.rows import Row, load_rows
+from moa.batch.runner import pipeline_fingerprint, run_batch
+from moa.batch.store import OutputStore
+from moa.cli.options import environment, load_selected, pipeline_options
+from moa.config import ConfigFile
+from moa.engine import MoA, close_providers, open_pipelines
+from moa.errors import ConfigError, MoAError
+from moa.providers.base import Provider
+from moa.providers.cache import CachedProvider, CallCache, cache_base_url, default_cache_path
+
+__all__ = ["BatchIncomplete", "command"]
+
+
+class BatchIncomplete(MoAError):
+    """Some rows have no answer after the run (exit code 1); rerunning retries them."""
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL of results, one line per row; rerun with the same file to resume.",
+)
+@pipeline_options
+@click.option(
+    "-j",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Rows run at once. Upstream calls are further capped by each provider's "
+    "max_concurrency / rpm / tpm.",
+)
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["jsonl", "alpaca_eval", "mt_bench"]),
+    default="jsonl",
+    show_default=True,
+    help="Also write the finished answers for AlpacaEval or MT-Bench (FastChat) after the run.",
+)
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where --format writes (default: beside OUT, answers.jsonl → "
+    "answers.alpaca_eval.json or answers.mt_bench.jsonl).",
+)
+@click.option("--generator", help="Model name in exports and records (default: the pipeline's).")
+@click.option(
+    "--cache",
+    "cache_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The call cache file (default: calls.sqlite3 in the user cache directory).",
+)
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the call cache.")
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress lines when stderr is not a terminal.",
+)
+def command(
+    input_path: Path,
+    output_path: Path,
+    config_path: Path | None,
+    preset: str | None,
+    pipeline: str | None,
+    env_file: Path | None,
+    concurrency: int,
+    export_format: Literal["jsonl", "alpaca_eval", "mt_bench"],
+    export_path: Path | None,
+    generator: str | None,
+    cache_path: Path | None,
+    no_cache: bool,
+    progress_interval: float,
+) -> None:
+    """Run a pipeline over every row of INPUT (JSONL or a JSON list), saving each to OUT.
+
+    A row holds `instruction` (AlpacaEval), `turns` (MT-Bench) or `messages` (OpenAI); its id
+    is `id`, `question_id` or its position. Exit code 1 if some rows failed: rerun to retry.
+    """
+    if no_cache and cache_path is not None:
+        raise click.UsageError("give either --cache or --no-cache, not both")
+    if export_path is not None and export_format == "jsonl":
+        raise click.UsageError("--export needs --format alpaca_eval or --format mt_bench")
+    config, selected = load_selected(config_path, preset)
+    generator = generator or pipeline or (config_path.stem if config_path else selected)
+    rows = load_rows(input_path)
+    fmt: ExportFormat | None = None if export_format == "jsonl" else export_format
+    if fmt is not None:
+        check_exportable(rows, fmt, input_path)
+        export_path = export_path or default_export_path(output_path, fmt)
+    _refuse_same_file(input_path, output_path, export_path)
+
+    stats = asyncio.run(
+        _run(
+            rows,
+            output_path,
+            config=config,
+            pipeline=pipeline,
+            env_file=env_file,
+            concurrency=concurrency,
+            generator=generator,
+            cache_path=None if no_cache else (cache_path or default_cache_path()),
+            progress_interval=progress_interval,
+            fmt=fmt,
+            export_path=export_path,
+        )
+    )
+    unfinished = stats.total - stats.skipped - stats.succeeded
+    if unfinished:
+        raise BatchIncomplete(
+            f"{unfinished} of {stats.total} rows have no answer (their errors are in "
+            f"{output_path}): rerun the same command to retry them"
+        )
+
+
+async def _run(
+    rows: list[Row],
+    output_path: Path,
+    *,
+    config: ConfigFile,
+    pipeline: str | None,
+    env_file: Path | None,
+    concurrency: int,
+    generator: str,
+    cache_path: Path | None,
+    progress_interval: float,
+    fmt: ExportFormat | None,
+    export_path: Path | None,
+) -> BatchStats:
+    store = OutputStore.open(output_path)
+    try:
+        stats = BatchStats(total=len(rows), skipped=sum(row.key in store.finished for row in rows))
+        if stats.to_run == 0:
+            click.echo(
+                f"batch: all {stats.total} rows are already finished in {output_path}", err=True
+            )
+        else:
+            await _run_pending(
+                rows,
+                store,
+                stats,
+                config=config,
+                pipeline=pipeline,
+                env_file=env_file,
+                concurrency=concurrency,
+                generator=generator,
+                cache_path=cache_path,
+                progress_interval=progress_interval,
+            )
+    finally:
+        await store.aclose()
+    if fmt is not None and export_path is not None:
+        summary = export(fmt, export_path, rows, store.records(), generator=generator)
+        incomplete = (
+            f" ({summary.missing} rows without an answer left out)" if summary.missing else ""
+        )
+        click.echo(
+            f"batch: wrote {summary.written} answers to {summary.path}{incomplete}", err=True
+        )
+    return stats
+
+
+async def _run_pending(
+    rows: list[Row],
+    store: OutputStore,
+    stats: BatchStats,
+    *,
+    config: ConfigFile,
+    pipeline: str | None,
+    env_file: Path | None,
+    concurrency: int,
+    generator: str,
+    cache_path: Path | None,
+    progress_interval: float,
+) -> None:
+    pipelines = open_pipelines(
+        config, env=environment(config, env_file), only=[pipeline] if pipeline else None
+    )
+    if len(pipelines) > 1:
+        await close_providers(pipelines)
+        raise ConfigError(
+            f"the config defines pipelines {', '.join(pipelines)}: name one with --pipeline"
+        )
+    base = next(iter(pipelines.values()))
+    _warn_if_other_pipeline(store, pipeline_fingerprint(base.pipeline))
+    cache = CallCache(cache_path) if cache_path is not None else None
+    providers: dict[str, Provider] = dict(base.providers)
+    if cache is not None:
+        providers = {
+            name: CachedProvider(inner, cache, base_url=cache_base_url(config.providers[name]))
+            for name, inner in providers.items()
+        }
+        stats.cache = cache.stats
+    moa = MoA(base.pipeline, providers, name=generator, owns_providers=True)
+    progress = make_progress(sys.stderr, interval=progress_interval)
+    progress.start(stats)
+    completed = False
+    try:
+        await run_batch(
+            moa, rows, store, stats, progress, concurrency=concurrency, generator=generator
+        )
+        completed = True
+    finally:
+        progress.finish(stats, completed=completed)
+        await moa.aclose()
+        if cache is not None:
+            cache.close()
+
+
+def _warn_if_other_pipeline(store: OutputStore, fingerprint: str) -> None:
+    """Resuming with a changed config mixes two pipelines' answers in one output: say so."""
+    if not store.finished:
+        return
+    other = sum(
+        1
+        for record in store.records().values()
+        if record.get("ok") is True and record.get("pipeline") != fingerprint
+    )
+    if other:
+        click.echo(
+            f"warning: {other} finished rows in {store.path} were made by a different pipeline "
+            "configuration; they are kept (use another --output to regenerate them)",
+            err=True,
+        )
+
+
+def _refuse_same_file(input_path: Path, output_path: Path, export_path: Path | None) -> None:
+    paths = {"INPUT": input_path, "--output": output_path}
+    if export_path is not None:
+        paths["--export"] = export_path
+    seen: dict[Path, str] = {}
+    for option, path in paths.items():
+        resolved = path.resolve()
+        if resolved in seen:
+            raise click.UsageError(f"{option} and {seen[resolved]} name the same file: {path}")
+        seen[resolved] = option

@@ -1,0 +1,256 @@
+"""Per-provider rate limits, shared by every row and agent that uses the provider.
+
+    call ─► concurrency slot ─► rpm bucket ─► tpm bucket ─► 429 pause ─► upstream
+
+`max_concurrency` caps calls in flight; `rpm` and `tpm` are token buckets refilled continuously.
+A bucket holds at most one second of its rate, so requests go out evenly spread rather than a
+minute's worth at once: providers often enforce per-minute limits over shorter windows.
+
+A 429 slows the whole provider down, not only the call that got it: new calls pause for the
+server's Retry-After (or a growing backoff), and the rates and the concurrency cap are halved,
+doubling back every `RECOVERY_S` seconds without another 429. The error is then re-raised so
+the core's retry loop decides about the call itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from moa.errors import RateLimited
+from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider, StreamChunk
+from moa.results import Usage
+
+__all__ = ["RateLimitedProvider", "SlowDown", "TokenBucket"]
+
+#: Seconds of rate a bucket may hold: the largest burst.
+BURST_S = 1.0
+#: After a 429 the rate is halved; it doubles back after each of these quiet periods.
+RECOVERY_S = 10.0
+#: The slowest a provider is ever made (as a fraction of its configured limits).
+MIN_FACTOR = 1 / 16
+#: Pause after a 429 without Retry-After: doubling from the base up to the cap.
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 30.0
+#: A request's output tokens are unknown beforehand; without max_tokens, reserve this many.
+DEFAULT_RESERVED_OUTPUT = 512
+
+Clock = Callable[[], float]
+
+
+class SlowDown:
+    """How much a provider is held back after 429s: a pause and a rate factor in (0, 1]."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._reduced = 1.0
+        self._last_429: float | None = None
+        self._streak = 0
+        self.paused_until = 0.0
+
+    def factor(self) -> float:
+        """The fraction of the configured limits to use right now."""
+        if self._last_429 is None:
+            return 1.0
+        quiet_periods = int((self._clock() - self._last_429) // RECOVERY_S)
+        return min(1.0, self._reduced * 2.0**quiet_periods)
+
+    def rate_limited(self, retry_after: float | None) -> None:
+        now = self._clock()
+        self._reduced = max(MIN_FACTOR, self.factor() / 2)
+        self._last_429 = now
+        self._streak += 1
+        pause = retry_after
+        if pause is None:
+            pause = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self._streak - 1))
+        self.paused_until = max(self.paused_until, now + pause)
+
+    def succeeded(self) -> None:
+        self._streak = 0
+
+    async def wait(self) -> None:
+        # A loop, not one sleep: another 429 may push the pause further while we wait.
+        while (left := self.paused_until - self._clock()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(left)
+
+
+class TokenBucket:
+    """`rate` units per second, holding at most `BURST_S` seconds of them.
+
+    Waiters are served in order (one at a time behind a lock), so a large request is not
+    starved by small ones. A request larger than the bucket goes once the bucket is full and
+    leaves it in debt, which later requests wait out.
+    """
+
+    def __init__(self, rate: float, slow_down: SlowDown, clock: Clock = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = rate * BURST_S
+        self.level = self.capacity
+        self._slow_down = slow_down
+        self._clock = clock
+        self._updated = clock()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> float:
+        now = self._clock()
+        rate = self.rate * self._slow_down.factor()
+        self.level = min(self.capacity, self.level + (now - self._updated) * rate)
+        self._updated = now
+        return rate
+
+    async def take(self, amount: float) -> None:
+        async with self._lock:
+            needed = min(amount, self.capacity)
+            while True:
+                rate = self._refill()
+                if self.level >= needed:
+                    break
+                await asyncio.sleep((needed - self.level) / rate)
+            self.level -= amount
+
+    def adjust(self, amount: float) -> None:
+        """Settle a reservation with what was really used: give back units reserved but not
+        used, or take the excess (into debt, no waiting: the call already happened)."""
+        self._refill()
+        self.level = min(self.capacity, self.level + amount)
+
+
+class _Slots:
+    """At most `limit()` holders at once; the limit may change, and waiters go in order."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._in_use = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if not self._waiters and self._in_use < self._limit():
+            self._in_use += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed over just as we were cancelled
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self._in_use -= 1
+        while self._waiters and self._in_use < self._limit():
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._in_use += 1
+                waiter.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class RateLimitedProvider:
+    """Wraps a provider with its configured limits; the protocol is unchanged."""
+
+    def __init__(
+        self,
+        inner: Provider,
+        *,
+        max_concurrency: int | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.max_concurrency = max_concurrency
+        self.slow_down = SlowDown(clock)
+        self._slots = _Slots(self._concurrency_now) if max_concurrency is not None else None
+        self._requests = TokenBucket(rpm / 60, self.slow_down, clock) if rpm else None
+        self._tokens = TokenBucket(tpm / 60, self.slow_down, clock) if tpm else None
+
+    def __repr__(self) -> str:
+        return f"RateLimitedProvider({self.inner!r})"
+
+    def _concurrency_now(self) -> int:
+        assert self.max_concurrency is not None
+        return max(1, math.ceil(self.max_concurrency * self.slow_down.factor()))
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: ChatRequest) -> AsyncIterator[_Reservation]:
+        """Hold a slot and the bucket units for one call, then settle tokens with the usage."""
+        async with self._slots.held() if self._slots else contextlib.nullcontext():
+            reservation = _Reservation(0)
+            if self._requests is not None:
+                await self._requests.take(1)
+            if self._tokens is not None:
+                prompt = await self.inner.count_tokens(request.model, request.messages)
+                reservation.tokens = prompt + (request.max_tokens or DEFAULT_RESERVED_OUTPUT)
+                await self._tokens.take(reservation.tokens)
+            await self.slow_down.wait()  # a 429 may have arrived while we queued
+            try:
+                yield reservation
+            except RateLimited as error:
+                self.slow_down.rate_limited(error.retry_after)
+                raise
+            else:
+                self.slow_down.succeeded()
+            finally:
+                if self._tokens is not None and reservation.used is not None:
+                    self._tokens.adjust(reservation.tokens - reservation.used)
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        async with self._admitted(request) as reservation:
+            completion = await self.inner.complete(request)
+            reservation.settle(completion.usage)
+            return completion
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        # The slot is held until the stream ends or the consumer closes it.
+        async with self._admitted(request) as reservation:
+            chunks = self.inner.stream(request)
+            try:
+                async for chunk in chunks:
+                    if chunk.usage is not None:
+                        reservation.settle(chunk.usage)
+                    yield chunk
+            finally:
+                await _close(chunks)
+
+    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
+        return await self.inner.count_tokens(model, messages)
+
+    def context_window(self, model: str) -> int | None:
+        return self.inner.context_window(model)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _close(chunks: AsyncIterator[StreamChunk]) -> None:
+    """Close the inner stream when ours is closed early, so its upstream request ends too."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
+
+
+class _Reservation:
+    """Tokens taken from the tpm bucket for one call, and what the call really used."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.used: int | None = None
+
+    def settle(self, usage: Usage | None) -> None:
+        if usage is not None:
+            self.used = usage.total_tokens
