@@ -1,0 +1,475 @@
+"""`moa eval pairwise` and `moa eval mt-bench`: judge outputs with any agent as the judge.
+
+The judge is one model (`--judge PROVIDER/MODEL`, providers from `--config` or the built-in
+ones) or a whole MoA pipeline (`--judge-preset`, `--judge-pipeline`). Its calls go through the
+call cache unless `--no-cache`, so rerunning an evaluation makes no calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+from pydantic import TypeAdapter, ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from moa.config import Agent, ProviderConfig, load_config
+from moa.engine import MoA
+from moa.env import Environment
+from moa.errors import ConfigError
+from moa.evaluation import (
+    EvaluationFailed,
+    MTBenchReport,
+    PairwiseReport,
+    evaluate_mt_bench,
+    evaluate_pairwise,
+    load_answers,
+    load_outputs,
+    load_questions,
+    load_reference_answers,
+    mt_bench_json,
+    mt_bench_markdown,
+    pairwise_json,
+    pairwise_markdown,
+    write_json,
+)
+from moa.evaluation.judges import Judge
+from moa.presets import PRESETS, preset_config
+from moa.providers import build_providers
+from moa.providers.base import Provider
+from moa.providers.cache import CachedProvider, CallCache, cache_base_url, default_cache_path
+
+__all__ = ["command"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+#: Room for a few sentences of reasons before the verdict line.
+DEFAULT_JUDGE_MAX_TOKENS = 1024
+DEFAULT_CONCURRENCY = 8
+#: A pipeline judge makes several calls per verdict, and retries its own agents; one retry of
+#: the whole pipeline is plenty, with a deadline that leaves room for its layers.
+PIPELINE_JUDGE_TIMEOUT_S = 900.0
+PIPELINE_JUDGE_ATTEMPTS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeOptions:
+    judge: str | None
+    judge_preset: str | None
+    judge_pipeline: str | None
+    config_path: Path | None
+    env_file: Path | None
+    judge_max_tokens: int
+    concurrency: int
+    cache_path: Path | None
+    no_cache: bool
+
+
+def judge_options(func: F) -> F:
+    """The options every evaluation shares: who judges, how many calls at once, the cache,
+    where the JSON goes."""
+    decorators = [
+        click.option(
+            "--judge",
+            metavar="PROVIDER/MODEL",
+            help="Judge with one model, e.g. openai/gpt-4.1. PROVIDER is a name under "
+            "`providers:` in --config; without --config, one of the built-in providers "
+            f"({', '.join(_builtin_provider_names())}).",
+        ),
+        click.option(
+            "--judge-preset",
+            metavar="NAME",
+            help="Judge with a whole MoA pipeline: a preset (see `moa presets`).",
+        ),
+        click.option(
+            "--judge-pipeline",
+            metavar="NAME",
+            help="Judge with a whole MoA pipeline defined in --config (`moa` for a config's "
+            "inline pipeline).",
+        ),
+        click.option(
+            "-c",
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="A YAML file whose `providers:` --judge names (it needs no pipeline), or "
+            "whose pipelines --judge-pipeline names.",
+        ),
+        click.option(
+            "--env-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="A .env file to read API keys from.",
+        ),
+        click.option(
+            "--judge-max-tokens",
+            type=click.IntRange(min=16),
+            default=DEFAULT_JUDGE_MAX_TOKENS,
+            show_default=True,
+            help="Longest judge reply (a single-model judge answers at temperature 0).",
+        ),
+        click.option(
+            "--concurrency",
+            type=click.IntRange(min=1),
+            default=DEFAULT_CONCURRENCY,
+            show_default=True,
+            help="Judge calls in flight at once.",
+        ),
+        click.option(
+            "--cache",
+            "cache_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="The call cache file (default: the per-user cache shared with `moa batch`).",
+        ),
+        click.option(
+            "--no-cache", is_flag=True, help="Ask the judge again even for calls made before."
+        ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def _builtin_providers() -> dict[str, ProviderConfig]:
+    """The providers the presets use (local, together, groq, openai), usable by --judge."""
+    providers: dict[str, ProviderConfig] = {}
+    for name in PRESETS:
+        providers.update(preset_config(name).providers)
+    return providers
+
+
+def _builtin_provider_names() -> list[str]:
+    names: list[str] = []
+    for preset in PRESETS.values():
+        names.extend(n for n in preset.get("providers", {}) if n not in names)
+    return names
+
+
+def _providers_file(path: Path) -> tuple[dict[str, ProviderConfig], str | None]:
+    """`providers:` (and `env_file`) of a YAML file; the rest of it is not needed to judge."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read it ({error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    providers = data.get("providers") if isinstance(data, dict) else None
+    if not isinstance(providers, dict) or not providers:
+        raise ConfigError(
+            f"{path}: needs a `providers:` mapping naming the judge's provider, e.g. "
+            "providers: {openai: {base_url: ..., api_key_env: OPENAI_API_KEY}}"
+        )
+    try:
+        parsed = TypeAdapter(dict[str, ProviderConfig]).validate_python(providers)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{path}: providers.{where}: {message}") from None
+    env_file = data.get("env_file")
+    if isinstance(env_file, str) and not Path(env_file).is_absolute():
+        env_file = str(path.parent / env_file)
+    return parsed, env_file if isinstance(env_file, str) else None
+
+
+def _environment(env_file: Path | str | None) -> Environment:
+    if env_file is not None and not Path(env_file).is_file():
+        raise ConfigError(f"{env_file}: no such .env file")
+    return Environment(env_file=env_file)
+
+
+def _split_judge(spec: str, providers: dict[str, ProviderConfig], source: str) -> tuple[str, str]:
+    provider, sep, model = spec.partition("/")
+    if not sep:
+        if len(providers) != 1:
+            raise ConfigError(
+                f"--judge {spec!r}: name the provider too, as PROVIDER/MODEL "
+                f"(providers in {source}: {', '.join(sorted(providers))})"
+            )
+        return next(iter(providers)), spec
+    if provider not in providers or not model:
+        raise ConfigError(
+            f"--judge {spec!r}: expected PROVIDER/MODEL with PROVIDER one of "
+            f"{', '.join(sorted(providers))} (from {source})"
+        )
+    return provider, model
+
+
+def _single_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
+    assert options.judge is not None
+    if options.config_path is not None:
+        providers, env_file = _providers_file(options.config_path)
+        source = str(options.config_path)
+    else:
+        providers, env_file, source = _builtin_providers(), None, "the built-in providers"
+    name, model = _split_judge(options.judge, providers, source)
+    env = _environment(options.env_file or env_file)
+    provider: Provider = build_providers(providers, [name], env)[name]
+    config = providers[name]
+    if cache is not None:
+        provider = CachedProvider(provider, cache, base_url=cache_base_url(config))
+    agent = Agent(
+        provider=name,
+        model=model,
+        temperature=0.0,
+        max_tokens=options.judge_max_tokens,
+        context_window=config.context_window,
+    )
+    return Judge(provider, agent, concurrency=options.concurrency, label=f"{name}/{model}")
+
+
+def _pipeline_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
+    pipeline: str | None
+    if options.judge_preset is not None:
+        config, pipeline = preset_config(options.judge_preset), None
+        label = f"MoA preset {options.judge_preset}"
+        env = _environment(options.env_file)
+    else:
+        if options.config_path is None:
+            raise click.UsageError("--judge-pipeline names a pipeline of --config: give --config")
+        config = load_config(options.config_path)
+        pipeline = options.judge_pipeline
+        label = f"MoA pipeline {pipeline}"
+        env_file = options.env_file or (Path(config.env_file) if config.env_file else None)
+        env = _environment(env_file)
+    moa = MoA.from_config(config, pipeline, env=env)
+    provider: Provider = moa.as_provider(label)
+    if cache is not None:
+        # Every setting of the pipeline shapes its verdict, so all of them name it in the cache.
+        digest = hashlib.sha256(repr(moa.pipeline).encode()).hexdigest()[:24]
+        provider = CachedProvider(provider, cache, base_url=f"moa-pipeline:{digest}")
+    agent = Agent(
+        provider=label,
+        model=label,
+        temperature=0.0,
+        max_tokens=options.judge_max_tokens,
+        timeout=PIPELINE_JUDGE_TIMEOUT_S,
+        max_attempts=PIPELINE_JUDGE_ATTEMPTS,
+    )
+    return Judge(provider, agent, concurrency=options.concurrency, label=label)
+
+
+@contextlib.contextmanager
+def _opened_cache(options: JudgeOptions) -> Iterator[CallCache | None]:
+    if options.no_cache:
+        if options.cache_path is not None:
+            raise click.UsageError("give --cache or --no-cache, not both")
+        yield None
+        return
+    cache = CallCache(options.cache_path or default_cache_path())
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+def _open_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
+    chosen = [o for o in (options.judge, options.judge_preset, options.judge_pipeline) if o]
+    if len(chosen) != 1:
+        raise click.UsageError(
+            "choose the judge with exactly one of --judge PROVIDER/MODEL, --judge-preset NAME "
+            "or --judge-pipeline NAME"
+        )
+    if options.judge is not None:
+        return _single_judge(options, cache)
+    if options.judge_preset is not None and options.config_path is not None:
+        raise click.UsageError("--judge-preset takes no --config (did you mean --judge-pipeline?)")
+    return _pipeline_judge(options, cache)
+
+
+def _run_judged(options: JudgeOptions, work: Callable[[Judge, Progress | None], Awaitable[T]]) -> T:
+    """Open the judge (and cache), run `work` with a progress bar on a terminal, close all."""
+    with _opened_cache(options) as cache:
+        judge = _open_judge(options, cache)
+
+        async def go() -> T:
+            try:
+                if not sys.stderr.isatty():
+                    return await work(judge, None)
+                progress = Progress(
+                    TextColumn("judging"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=Console(stderr=True),
+                    transient=True,
+                )
+                with progress:
+                    return await work(judge, progress)
+            finally:
+                await judge.aclose()
+
+        return asyncio.run(go())
+
+
+def _progress_hooks(
+    progress: Progress | None,
+) -> tuple[Callable[[int], None] | None, Callable[[int], None] | None]:
+    if progress is None:
+        return None, None
+    task = progress.add_task("judging", total=None)
+
+    def on_start(total: int) -> None:
+        progress.update(task, total=total)
+
+    def on_done(n: int) -> None:
+        progress.advance(task, n)
+
+    return on_start, on_done
+
+
+def _warn_failures(failed: int, first_error: str | None) -> None:
+    if failed:
+        click.echo(
+            f"warning: {failed} judge call{'s' if failed > 1 else ''} failed"
+            + (f" (first: {first_error})" if first_error else ""),
+            err=True,
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def command() -> None:
+    """Judge outputs with an LLM: pairwise win rates, MT-Bench grades.
+
+    The judge is one model (--judge PROVIDER/MODEL) or a MoA pipeline (--judge-preset,
+    --judge-pipeline). Reports go to stdout as Markdown and, with --output-json, to a JSON file
+    that keeps every judge reply. Judge calls are cached, so a rerun makes no calls.
+
+    \b
+    Examples:
+      moa eval pairwise moa.jsonl baseline.json --judge openai/gpt-4.1
+      moa eval pairwise a.jsonl b.jsonl --judge vllm/qwen2.5-72b -c judges.yaml
+      moa eval mt-bench answers.jsonl -q question.jsonl --judge-preset together
+    """
+
+
+@command.command()
+@click.argument("a_path", metavar="A", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("b_path", metavar="B", type=click.Path(dir_okay=False, path_type=Path))
+@judge_options
+@click.option("--name-a", help="What to call system A (default: its generator or file name).")
+@click.option("--name-b", help="What to call system B.")
+@click.option("--limit", type=click.IntRange(min=1), help="Judge only the first N matched items.")
+@click.option(
+    "--output-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the full report, every verdict included, as JSON here.",
+)
+def pairwise(
+    a_path: Path,
+    b_path: Path,
+    name_a: str | None,
+    name_b: str | None,
+    limit: int | None,
+    output_json: Path | None,
+    **judge: Any,
+) -> None:
+    """Win rate of A over B, as a judge sees it.
+
+    A and B are `moa batch` output (JSONL rows with id, ok and output) or AlpacaEval model
+    outputs (a JSON list with instruction, output, generator). Items are matched by id when
+    both files have ids, else by instruction. Each item is judged twice, A's answer shown first
+    and then B's, so a judge's preference for a position cancels out; ties count half. The
+    win rate comes with its standard error over items.
+    """
+    options = JudgeOptions(**judge)
+    a = load_outputs(a_path, name_a)
+    b = load_outputs(b_path, name_b)
+
+    async def work(judge: Judge, progress: Progress | None) -> PairwiseReport:
+        on_start, on_done = _progress_hooks(progress)
+        return await evaluate_pairwise(judge, a, b, limit=limit, on_start=on_start, on_done=on_done)
+
+    report = _run_judged(options, work)
+    click.echo(pairwise_markdown(report), nl=False)
+    if output_json is not None:
+        write_json(output_json, pairwise_json(report))
+    failures = [j for r in report.results for j in r.judgments if j.failed]
+    _warn_failures(len(failures), failures[0].problem if failures else None)
+    if report.summary.scored == 0:
+        raise EvaluationFailed(
+            "no item could be scored: every item lacks a readable verdict "
+            f"({report.summary.failed_calls} judge calls failed, "
+            f"{report.summary.unparseable} verdicts unparseable)"
+        )
+
+
+@command.command("mt-bench")
+@click.argument("answers_path", metavar="ANSWERS", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-q",
+    "--questions",
+    "questions_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The questions (MT-Bench question.jsonl: question_id, category, turns, reference).",
+)
+@click.option(
+    "--reference-answers",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Reference answers in model-answer format, shown to the judge for their questions.",
+)
+@judge_options
+@click.option("--limit", type=click.IntRange(min=1), help="Grade only the first N questions.")
+@click.option(
+    "--output-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the full report, every grade and judge reply included, as JSON here.",
+)
+def mt_bench(
+    answers_path: Path,
+    questions_path: Path,
+    reference_answers: Path | None,
+    limit: int | None,
+    output_json: Path | None,
+    **judge: Any,
+) -> None:
+    """Grade every turn of ANSWERS 1-10 and average per category.
+
+    ANSWERS is MT-Bench model-answer JSONL (question_id, model_id, choices[0].turns); several
+    models in one file are reported separately. The judge grading turn 2 sees the whole
+    two-turn exchange, and the reference answer where the question has one.
+    """
+    options = JudgeOptions(**judge)
+    questions = load_questions(questions_path)
+    if reference_answers is not None:
+        questions = load_reference_answers(reference_answers, questions)
+    answers, skipped = load_answers(answers_path)
+
+    async def work(judge: Judge, progress: Progress | None) -> MTBenchReport:
+        on_start, on_done = _progress_hooks(progress)
+        return await evaluate_mt_bench(
+            judge,
+            questions,
+            answers,
+            answers_path=str(answers_path),
+            questions_path=str(questions_path),
+            limit=limit,
+            skipped_answers=skipped,
+            on_start=on_start,
+            on_done=on_done,
+        )
+
+    report = _run_judged(options, work)
+    click.echo(mt_bench_markdown(report), nl=False)
+    if output_json is not None:
+        write_json(output_json, mt_bench_json(report))
+    failures = [g for g in report.grades if g.failed]
+    _warn_failures(len(failures), failures[0].problem if failures else None)
+    if not any(g.score is not None for g in report.grades):
+        raise EvaluationFailed(
+            f"no turn could be graded: {len(failures)} judge calls failed, "
+            f"{sum(g.score is None and not g.failed for g in report.grades)} grades unparseable"
+            + ("" if report.grades else " (no answer matches a question id)")
+        )
