@@ -15,9 +15,9 @@ import argparse
 import statistics
 import time
 
-from moa import MoA, parse_config
-
 from _fake_upstream import fake_upstream
+
+from moa import MoA, parse_config
 
 
 def main() -> None:

@@ -119,7 +119,7 @@ class OpenAICompatibleProvider:
             value = getattr(request, key)
             if value is not None:
                 body[key] = value
-        options: dict[str, Any] = {}
+        options: Any = {}  # the SDK's RequestOptions TypedDict
         if request.timeout is not None:
             options["timeout"] = request.timeout
         if self._extra_headers:
