@@ -1,0 +1,113 @@
+"""`moa serve`: every pipeline of a config as a model of an OpenAI-compatible API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moa.cli.options import environment, load_selected
+from moa.engine import open_pipelines
+
+# The server modules need the [server] extra: they are imported when the command runs, so the
+# rest of the CLI works without it.
+
+_MIB = 1024 * 1024
+
+
+@click.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A YAML config file. Each pipeline under 'pipelines:' is a model of that name; a "
+    "single pipeline is the model 'moa'.",
+)
+@click.option(
+    "-p", "--preset", help="A preset, served as a model of its name (default: the local preset)."
+)
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A .env file to read API keys (and MOA_API_KEYS) from.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="The port to listen on (0: any free port).",
+)
+@click.option(
+    "--allow-unauthenticated",
+    is_flag=True,
+    help="Serve a non-loopback address without MOA_API_KEYS (only behind something that "
+    "checks clients).",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Runs at once; more requests get 429 with Retry-After.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1),
+    default=_MIB,
+    show_default=True,
+    help="Largest request body; larger ones get 413.",
+)
+@click.option(
+    "--grace-period",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds runs in flight may take to finish after SIGTERM.",
+)
+def command(
+    config_path: Path | None,
+    preset: str | None,
+    env_file: Path | None,
+    host: str,
+    port: int,
+    allow_unauthenticated: bool,
+    max_concurrency: int,
+    max_body_bytes: int,
+    grace_period: float,
+) -> None:
+    """Serve MoA pipelines as models of an OpenAI-compatible API at http://HOST:PORT/v1.
+
+    Any OpenAI client can then use them: the request's `model` picks the pipeline. Set
+    MOA_API_KEYS (comma-separated) to require `Authorization: Bearer <key>`.
+    """
+    from moa.server import check_exposure, serve
+    from moa.server.guards import parse_api_keys
+
+    config, name = load_selected(config_path, preset)
+    env = environment(config, env_file)
+    keys = parse_api_keys(env.get("MOA_API_KEYS"))
+    check_exposure(host, keys, allow_unauthenticated)  # before any provider is built
+    pipelines = open_pipelines(config, env=env)
+    if config.pipelines is None and name != "moa":  # a preset: served under its own name
+        moa = pipelines.pop("moa")
+        moa.name = name
+        pipelines[name] = moa
+    auth = f"{len(keys)} API key(s) required" if keys else "no API key required"
+
+    def announce(url: str) -> None:
+        click.echo(f"serving {', '.join(pipelines)} at {url}/v1 ({auth})")
+
+    serve(
+        pipelines,
+        host=host,
+        port=port,
+        api_keys=keys,
+        allow_unauthenticated=allow_unauthenticated,
+        max_concurrency=max_concurrency,
+        max_body_bytes=max_body_bytes,
+        grace_period=grace_period,
+        on_started=announce,
+    )

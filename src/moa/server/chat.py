@@ -1,0 +1,306 @@
+"""One chat completion: run the pipeline and answer as OpenAI would, streamed or not.
+
+`ChatRun` is the ASGI response of a request that passed every check. It owns the request's
+run slot, and it listens for the client hanging up while the run goes on: when that happens the
+run is cancelled, which closes every upstream call still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from moa.engine import MoA
+from moa.errors import BudgetExceeded, RunError
+from moa.providers.base import ChatMessage
+from moa.results import Done, RunResult, TextDelta
+from moa.server.errors import (
+    INVALID_REQUEST,
+    SERVER_ERROR,
+    UPSTREAM_ERROR,
+    ApiError,
+    error_body,
+    json_bytes,
+    json_response,
+)
+from moa.server.guards import Slot
+from moa.server.schema import ChatCompletionRequest
+
+__all__ = ["ChatRun", "run_error", "with_answer_settings"]
+
+log = logging.getLogger("moa.server")
+
+
+def with_answer_settings(moa: MoA, request: ChatCompletionRequest) -> MoA:
+    """The pipeline with the request's temperature / top_p / max_tokens on the agents that write
+    the answer (the aggregator, and its fallbacks, which stand in for it). Proposers keep their
+    configured settings: the client asks about the answer it gets, not the drafts behind it."""
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("temperature", request.temperature),
+            ("top_p", request.top_p),
+            ("max_tokens", request.answer_tokens),
+        )
+        if value is not None
+    }
+    if not overrides:
+        return moa
+    pipeline = dataclasses.replace(
+        moa.pipeline,
+        aggregator=dataclasses.replace(moa.pipeline.aggregator, **overrides),
+        fallbacks=tuple(dataclasses.replace(f, **overrides) for f in moa.pipeline.fallbacks),
+    )
+    return MoA(pipeline, moa.providers, name=moa.name, owns_providers=False)
+
+
+def run_error(error: RunError, model: str) -> ApiError:
+    """A failed run as an API error. Upstream trouble is a 502 (clients retry it); a run over
+    the pipeline's token budget is the request's size, so a 400 (retrying will not help)."""
+    extra = {"moa": _moa_extension(error.result)} if error.result is not None else None
+    if isinstance(error, BudgetExceeded):
+        return ApiError(
+            400,
+            f"model {model!r}: {error}",
+            code="budget_exceeded",
+            type=INVALID_REQUEST,
+            extra=extra,
+        )
+    return ApiError(
+        502, f"model {model!r}: {error}", type=UPSTREAM_ERROR, code="upstream_failed", extra=extra
+    )
+
+
+def _moa_extension(result: RunResult) -> dict[str, Any]:
+    """Each layer's agent outputs, latency and usage (the answer itself is in `choices`)."""
+    details = result.to_dict()
+    details.pop("output", None)
+    details["usage"] = result.usage.to_dict()
+    return details
+
+
+def _finish_reason(result: RunResult) -> str:
+    return "length" if result.aggregator.status == "truncated" else "stop"
+
+
+class ChatRun:
+    """The response to one accepted chat completion request (an ASGI app)."""
+
+    def __init__(
+        self,
+        moa: MoA,
+        messages: list[ChatMessage],
+        request: ChatCompletionRequest,
+        slot: Slot,
+        *,
+        heartbeat_s: float,
+    ) -> None:
+        self.moa = moa
+        self.messages = messages
+        self.request = request
+        self.slot = slot
+        self.heartbeat_s = heartbeat_s
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            work = self._stream(send) if self.request.streamed else self._complete(scope, send)
+            if await run_unless_disconnected(work, receive):
+                log.info("%s: the client hung up; its run was cancelled", self.id)
+        finally:
+            self.slot.release()
+
+    # --- not streamed ---------------------------------------------------------------------
+
+    async def _complete(self, scope: Scope, send: Send) -> None:
+        async def no_receive() -> Any:  # the body was read already; the watcher owns receive
+            raise RuntimeError("not used")
+
+        try:
+            try:
+                result = await self.moa.arun(self.messages)
+            finally:
+                # Free the slot before answering: a client that sends its next request as soon
+                # as it has this answer must find the slot free.
+                self.slot.release()
+        except RunError as error:
+            log.warning("%s (model %s): %s", self.id, self.moa.name, error)
+            response = run_error(error, self.moa.name).response()
+        else:
+            response = json_response(self._completion(result), headers=self._headers())
+        await response(scope, no_receive, send)
+
+    def _completion(self, result: RunResult) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.moa.name,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.output, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(result),
+                }
+            ],
+            "usage": result.usage.to_dict(),
+            "moa": _moa_extension(result),
+        }
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-request-id": self.id}
+
+    # --- streamed -------------------------------------------------------------------------
+
+    async def _stream(self, send: Send) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            # Tells nginx-style proxies not to buffer: tokens must reach the client as they come.
+            (b"x-accel-buffering", b"no"),
+            (b"x-request-id", self.id.encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        events = EventSender(send)
+        keep_alive = asyncio.create_task(events.keep_alive(self.heartbeat_s))
+        try:
+            await events.data(self._chunk({"role": "assistant", "content": ""}))
+            result = await self._stream_answer(events)
+            self.slot.release()  # the run is over: see _complete
+            if result is not None:
+                await events.data(self._chunk({}, _finish_reason(result), _moa_extension(result)))
+                if self.request.include_usage:
+                    await events.data(self._usage_chunk(result))
+                await events.raw(b"data: [DONE]\n\n")
+        finally:
+            keep_alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep_alive
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stream_answer(self, events: EventSender) -> RunResult | None:
+        """Relay the answer's text; on failure send an error event and return None."""
+        try:
+            async with contextlib.aclosing(self.moa.stream(self.messages)) as stream:
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        await events.text(self._chunk({"content": event.text}))
+                    elif isinstance(event, Done):
+                        return event.result
+        except RunError as error:
+            log.warning("%s (model %s): %s", self.id, self.moa.name, error)
+            await events.data(run_error(error, self.moa.name).body())
+            return None
+        except Exception:
+            # The status line went out long ago: all that is left is to say so in the stream.
+            log.exception("%s (model %s): the stream failed", self.id, self.moa.name)
+            await events.data(
+                error_body("internal error: see the server log", SERVER_ERROR, code="internal")
+            )
+            return None
+        raise RuntimeError("the run ended without a result")  # pragma: no cover
+
+    def _chunk(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        moa: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.moa.name,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+        if self.request.include_usage:
+            chunk["usage"] = None  # as OpenAI does: only the last chunk carries usage
+        if moa is not None:
+            chunk["moa"] = moa
+        return chunk
+
+    def _usage_chunk(self, result: RunResult) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.moa.name,
+            "system_fingerprint": None,
+            "choices": [],
+            "usage": result.usage.to_dict(),
+        }
+
+
+class EventSender:
+    """Writes server-sent events; one writer at a time, so keep-alive comments never land in
+    the middle of an event."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._lock = asyncio.Lock()
+        self._last = time.monotonic()
+
+    async def data(self, payload: Any) -> None:
+        """An event built by us (errors, usage, the `moa` object): redacted."""
+        await self.raw(b"data: " + json_bytes(payload) + b"\n\n")
+
+    async def text(self, payload: Any) -> None:
+        """A chunk of answer text: the model's words, sent as they are (and fast)."""
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        await self.raw(f"data: {body}\n\n".encode())
+
+    async def raw(self, body: bytes) -> None:
+        async with self._lock:
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
+            self._last = time.monotonic()
+
+    async def keep_alive(self, interval: float) -> None:
+        """A comment line whenever `interval` seconds pass without an event, so proxies and
+        clients do not give up on a connection that waits for slow proposer layers. SSE
+        clients (the OpenAI SDK among them) ignore comment lines."""
+        while True:
+            wait = self._last + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            await self.raw(b": keep-alive\n\n")
+
+
+async def run_unless_disconnected(work: Coroutine[Any, Any, None], receive: Receive) -> bool:
+    """Run `work`; if the client disconnects first, cancel it and return True.
+
+    Exceptions of `work` propagate. The request body must have been read already: from then
+    on the next thing `receive` reports is the client going away.
+    """
+    worker = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(receive))
+    try:
+        await asyncio.wait({worker, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone = watcher.done() and not watcher.cancelled() and not worker.done()
+        for task in (worker, watcher):
+            task.cancel()
+        await asyncio.gather(worker, watcher, return_exceptions=True)
+    if not gone and not worker.cancelled():
+        worker.result()  # re-raise what the work raised
+    return gone
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,237 @@
+"""Serving the app with uvicorn: the exposure check, log redaction and graceful draining.
+
+On SIGTERM (or Ctrl-C) the server stops listening, answers 503 to any request that still
+arrives on an open connection, lets the runs in flight finish for up to `grace_period` seconds,
+then cancels what is left (which cancels its upstream calls) and closes the providers.
+"""
+
+from __future__ import annotations
+
+import gc
+import ipaddress
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+
+from moa.engine import MoA
+from moa.env import RedactingFilter, install_redaction
+from moa.errors import ConfigError
+from moa.server.app import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENCY,
+    create_app,
+    server_state,
+)
+
+__all__ = [
+    "DEFAULT_GRACE_PERIOD_S",
+    "BackgroundServer",
+    "MoAServer",
+    "check_exposure",
+    "is_loopback",
+    "redact_server_logs",
+    "serve",
+]
+
+DEFAULT_GRACE_PERIOD_S = 30.0
+
+_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "moa")
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach the address. Unknown host names count as reachable."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, keys: Iterable[str], allow_unauthenticated: bool) -> None:
+    """Refuse to open the pipelines (and the keys behind them) to a network without a key."""
+    if is_loopback(host) or any(True for _ in keys) or allow_unauthenticated:
+        return
+    raise ConfigError(
+        f"refusing to serve on {host} without authentication: anyone who can reach it could "
+        "spend your upstream keys. Set MOA_API_KEYS (comma-separated keys that clients send as "
+        "'Authorization: Bearer <key>'), or pass --allow-unauthenticated if something in front "
+        "of this server checks clients"
+    )
+
+
+def redact_server_logs() -> None:
+    """Every handler that prints our or uvicorn's records drops registered secrets first.
+
+    uvicorn's access log prints request paths, query strings included: a client that puts a
+    key in the URL must not get it written to the log.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(stderr)
+    for logger in (root, *(logging.getLogger(name) for name in _LOGGERS)):
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                install_redaction(handler)
+    if logging.getLogger("moa").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("moa.server").setLevel(logging.INFO)
+
+
+class MoAServer(uvicorn.Server):
+    """uvicorn's server, draining the app as soon as the shutdown signal arrives."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: Starlette,
+        on_started: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.app = app
+        self.on_started = on_started
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.begin_draining()
+        super().handle_exit(sig, frame)
+
+    def begin_draining(self) -> None:
+        server_state(self.app).lifecycle.begin_draining()
+
+    async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        await super().startup(sockets)  # type: ignore[arg-type]
+        if self.started and self.on_started is not None:
+            self.on_started(self.url)
+
+    @property
+    def url(self) -> str:
+        """http://host:port of the listening socket (the real port when 0 was asked for)."""
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def build_server(
+    app: Starlette,
+    *,
+    host: str,
+    port: int,
+    grace_period: float = DEFAULT_GRACE_PERIOD_S,
+    log_level: str = "info",
+    on_started: Callable[[str], None] | None = None,
+) -> MoAServer:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        # Our handlers (with redaction) print uvicorn's records: it installs none of its own.
+        log_config=None,
+        log_level=log_level,
+        # Typed as int by uvicorn, but it is only ever a timeout: fractions work (tests use them).
+        timeout_graceful_shutdown=max(grace_period, 0.001),  # type: ignore[arg-type]
+        server_header=False,
+    )
+    return MoAServer(config, app, on_started)
+
+
+def serve(
+    pipelines: Mapping[str, MoA],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_keys: Iterable[str] = (),
+    allow_unauthenticated: bool = False,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    grace_period: float = DEFAULT_GRACE_PERIOD_S,
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    on_started: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM / SIGINT, in the foreground. Takes ownership of the pipelines."""
+    keys = tuple(api_keys)
+    check_exposure(host, keys, allow_unauthenticated)
+    app = create_app(
+        pipelines,
+        api_keys=keys,
+        max_body_bytes=max_body_bytes,
+        max_concurrency=max_concurrency,
+        heartbeat_s=heartbeat_s,
+    )
+    redact_server_logs()
+    server = build_server(
+        app, host=host, port=port, grace_period=grace_period, on_started=on_started
+    )
+    # Everything loaded so far (modules, pipelines, SDK types) lives as long as the server:
+    # kept out of the collector's reach, full collections stay short and do not stall streams.
+    gc.freeze()
+    try:
+        server.run()
+    except SystemExit as stopped:
+        if server.started:
+            raise
+        # uvicorn logged why (a port in use, say) and exits with a code of its own.
+        raise ConfigError(
+            f"could not serve on {host}:{port} (see the log line above); is another server "
+            "using the port?"
+        ) from stopped
+
+
+class BackgroundServer:
+    """The app served by uvicorn in a thread of this process (tests, notebooks, embedding).
+
+    with BackgroundServer(create_app(pipelines)) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="...")
+    """
+
+    def __init__(
+        self,
+        app: Starlette,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        grace_period: float = 5.0,
+        log_level: str = "warning",
+    ) -> None:
+        self.server = build_server(
+            app, host=host, port=port, grace_period=grace_period, log_level=log_level
+        )
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self) -> BackgroundServer:
+        self._thread = threading.Thread(target=self.server.run, name="moa-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the MoA server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Shut down as on SIGTERM: drain, wait for runs up to the grace period, close."""
+        self.server.begin_draining()
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

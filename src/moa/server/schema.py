@@ -1,0 +1,207 @@
+"""The request body of `POST /v1/chat/completions`, checked the way OpenAI's API checks it.
+
+OpenAI adds request fields often, and clients send them by default; an unknown field is ignored
+rather than refused, so a newer client keeps working. Three kinds of field are refused instead:
+
+* fields that would send upstream calls elsewhere or with other credentials (`base_url`,
+  `api_key`, ...): a client must never be able to point our keys at its own server;
+* features a MoA pipeline cannot honour (tools, stop sequences, JSON mode, logprobs, n > 1):
+  silently ignoring them would hand back an answer the client did not ask for;
+* values of the wrong type or out of range, exactly as OpenAI would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moa.engine import normalize_messages
+from moa.errors import InvalidRequest
+from moa.providers.base import ChatMessage
+from moa.server.errors import ApiError
+
+__all__ = ["REDIRECT_FIELDS", "ChatCompletionRequest", "parse_chat_request"]
+
+#: Fields some proxies accept to re-target or re-key the upstream call. Compared after
+#: lower-casing and turning "-" into "_", so `API-Key` is caught too.
+REDIRECT_FIELDS = frozenset(
+    {
+        "base_url",
+        "api_base",
+        "api_key",
+        "api_version",
+        "api_type",
+        "azure_endpoint",
+        "organization",
+        "headers",
+        "extra_headers",
+        "default_headers",
+    }
+)
+
+_MAX_MODEL_NAME = 256
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields we act on; anything else OpenAI defines is accepted and has no effect."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    model: str = Field(min_length=1, max_length=_MAX_MODEL_NAME)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # Applied to the aggregator (and its fallbacks): they write the answer the client sees.
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Refused unless left at their neutral value: see `_refuse_unsupported`.
+    n: int | None = None
+    stop: str | list[str] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.streamed and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def answer_tokens(self) -> int | None:
+        """The cap on the answer: `max_completion_tokens` is OpenAI's newer name for it."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+def parse_chat_request(body: bytes) -> tuple[ChatCompletionRequest, list[ChatMessage]]:
+    """The validated request and its messages, or an ApiError(400) naming the bad field."""
+    data = _decode(body)
+    _refuse_redirects(data)
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as error:
+        raise _schema_error(error) from None
+    _refuse_unsupported(request)
+    both = request.max_tokens and request.max_completion_tokens
+    if both and request.max_tokens != request.max_completion_tokens:
+        raise _bad(
+            "max_tokens and max_completion_tokens disagree: send only one of them", "max_tokens"
+        )
+    try:
+        messages = normalize_messages([_standard_role(m) for m in request.messages])
+    except InvalidRequest as error:
+        raise _bad(f"messages: {error}", "messages") from None
+    return request, messages
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise _bad(
+            "the request body is empty: send a chat completion request as a JSON object",
+            code="invalid_json",
+        )
+    try:
+        data = json.loads(body, parse_constant=_no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+        raise ApiError(
+            400,
+            f"the request body is not valid JSON ({error}); send a JSON object",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise _bad(f"the request body must be a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _refuse_redirects(data: Mapping[str, Any]) -> None:
+    for key in data:
+        if key.lower().replace("-", "_") in REDIRECT_FIELDS:
+            raise ApiError(
+                400,
+                f"{key}: this server decides where upstream calls go and which keys they use; "
+                "remove this field from the request",
+                param=key,
+                code="forbidden_parameter",
+            )
+
+
+def _refuse_unsupported(request: ChatCompletionRequest) -> None:
+    if request.n not in (None, 1):
+        raise _unsupported("n", "a MoA pipeline writes one answer per request: send n=1")
+    if request.stop:
+        raise _unsupported("stop", "stop sequences are not supported by MoA pipelines")
+    if request.tools or request.functions:
+        param = "tools" if request.tools else "functions"
+        raise _unsupported(param, "tool and function calling are not supported by MoA pipelines")
+    if request.tool_choice not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", "tool calling is not supported by MoA pipelines")
+    kind = (request.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise _unsupported(
+            "response_format", f"response_format {kind!r} is not supported; only 'text' is"
+        )
+    if request.logprobs:
+        raise _unsupported("logprobs", "logprobs are not available from a MoA pipeline")
+
+
+def _standard_role(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's newer clients say "developer" for the system role."""
+    if message.get("role") == "developer":
+        return {**message, "role": "system"}
+    return message
+
+
+def _schema_error(error: ValidationError) -> ApiError:
+    first = error.errors()[0]
+    param = _param(first["loc"])
+    if first["type"] == "missing":
+        return _bad(f"{param}: this field is required", param, code="missing_required_parameter")
+    value = first.get("input")
+    shown = ""
+    if isinstance(value, str | int | float | bool) or value is None:
+        text = json.dumps(value)
+        shown = f" (got {text if len(text) <= 40 else text[:40] + '…'})"
+    return _bad(f"{param}: {first['msg']}{shown}", param)
+
+
+def _param(location: tuple[int | str, ...]) -> str:
+    """("messages", 0, "content") -> "messages[0].content"; union member names are dropped."""
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in _UNION_TAGS or "[" in part:
+            continue
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "StreamOptions"})
+
+
+def _bad(message: str, param: str | None = None, *, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _unsupported(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param=param, code="unsupported_parameter")
