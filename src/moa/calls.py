@@ -24,7 +24,14 @@ from moa.errors import (
     StreamInterrupted,
 )
 from moa.prompts import build_messages, fence_token
-from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider, StreamChunk
+from moa.providers.base import (
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    Provider,
+    StreamChunk,
+    close_stream,
+)
 from moa.results import AgentResult, AgentStatus, Usage
 from moa.retry import decide_retry
 
@@ -162,9 +169,7 @@ async def _closing(
     try:
         yield chunks
     finally:
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            await close()
+        await close_stream(chunks)
 
 
 def _status(completion: Completion) -> AgentStatus:

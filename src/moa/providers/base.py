@@ -12,7 +12,15 @@ from typing import Literal, Protocol, TypedDict, runtime_checkable
 
 from moa.results import Usage
 
-__all__ = ["ChatMessage", "ChatRequest", "Completion", "Provider", "StreamChunk", "estimate_tokens"]
+__all__ = [
+    "ChatMessage",
+    "ChatRequest",
+    "Completion",
+    "Provider",
+    "StreamChunk",
+    "close_stream",
+    "estimate_tokens",
+]
 
 
 class ChatMessage(TypedDict):
@@ -74,6 +82,17 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+async def close_stream(chunks: AsyncIterator[StreamChunk]) -> None:
+    """Close a provider's stream however its reader stopped, so the upstream request ends too.
+
+    Provider streams are async generators in practice, but the protocol promises only an
+    AsyncIterator, so `aclose` is called where it exists.
+    """
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
 
 
 #: Per-message overhead of chat templates (role markers, separators), in tokens.

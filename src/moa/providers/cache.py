@@ -29,7 +29,14 @@ from pathlib import Path
 
 from moa.config import ProviderConfig
 from moa.env import Environment
-from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider, StreamChunk
+from moa.providers.base import (
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    Provider,
+    StreamChunk,
+    close_stream,
+)
 from moa.results import Usage
 
 __all__ = [
@@ -325,7 +332,7 @@ class CachedProvider:
                 usage = chunk.usage or usage
                 yield chunk
         finally:
-            await _close(chunks)
+            await close_stream(chunks)
         # Reached only when the stream ended normally (an error or an early close skips it):
         # a whole answer, safe to replay.
         completion = Completion(text="".join(pieces), finish_reason=finish, usage=usage)
@@ -341,13 +348,6 @@ class CachedProvider:
     async def aclose(self) -> None:
         # The cache is shared by every provider of a run: its owner closes it.
         await self.inner.aclose()
-
-
-async def _close(chunks: AsyncIterator[StreamChunk]) -> None:
-    """Close the inner stream when ours is closed early, so its upstream request ends too."""
-    close = getattr(chunks, "aclose", None)
-    if close is not None:
-        await close()
 
 
 def _worth_keeping(completion: Completion) -> bool:

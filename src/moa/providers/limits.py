@@ -22,7 +22,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from moa.errors import RateLimited
-from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider, StreamChunk
+from moa.providers.base import (
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    Provider,
+    StreamChunk,
+    close_stream,
+)
 from moa.results import Usage
 
 __all__ = ["RateLimitedProvider", "SlowDown", "TokenBucket"]
@@ -225,7 +232,7 @@ class RateLimitedProvider:
                         reservation.settle(chunk.usage)
                     yield chunk
             finally:
-                await _close(chunks)
+                await close_stream(chunks)
 
     async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
         return await self.inner.count_tokens(model, messages)
@@ -235,13 +242,6 @@ class RateLimitedProvider:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-
-async def _close(chunks: AsyncIterator[StreamChunk]) -> None:
-    """Close the inner stream when ours is closed early, so its upstream request ends too."""
-    close = getattr(chunks, "aclose", None)
-    if close is not None:
-        await close()
 
 
 class _Reservation:

@@ -186,15 +186,6 @@ class OpenAICompatibleProvider:
                     received.append(text)
                 if text or reason or usage:
                     yield StreamChunk(text=text, finish_reason=reason, usage=usage)
-        except ProviderError as error:
-            if received:
-                raise StreamInterrupted(
-                    f"the stream broke after {len(''.join(received))} characters: {error}",
-                    partial="".join(received),
-                    provider=self.name,
-                    model=request.model,
-                ) from None
-            raise
         except Exception as error:
             translated = self._translate(error, request.model)
             if received:
