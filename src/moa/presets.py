@@ -35,6 +35,28 @@ _PAPER_PROPOSERS = _agents(
     "databricks/dbrx-instruct",
 )
 
+_QWEN25_72B = "Qwen/Qwen2.5-72B-Instruct-Turbo"
+
+
+def _hosted(
+    provider: str,
+    endpoint: dict[str, str],
+    proposers: list[dict[str, Any]],
+    aggregator: str,
+    *,
+    layers: int,
+) -> dict[str, Any]:
+    """A hosted preset: proposers at temperature 0.7 and 512 tokens, a 2048-token aggregator."""
+    return {
+        "providers": {provider: endpoint},
+        "proposers": proposers,
+        "aggregator": {"provider": provider, "model": aggregator, "max_tokens": 2048},
+        "layers": layers,
+        "temperature": 0.7,
+        "max_tokens": 512,
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Offline: the embedded SmolLM2-135M sampled three ways (Self-MoA), then aggregating.
     "local": {
@@ -48,77 +70,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         "layers": 2,
         "max_tokens": 160,
     },
-    "together": {
-        "providers": {"together": _TOGETHER},
-        "proposers": _TOGETHER_PROPOSERS,
-        "aggregator": {
-            "provider": "together",
-            "model": "Qwen/Qwen2.5-72B-Instruct-Turbo",
-            "max_tokens": 2048,
-        },
-        "layers": 3,
-        "temperature": 0.7,
-        "max_tokens": 512,
-    },
-    "together-lite": {
-        "providers": {"together": _TOGETHER},
-        "proposers": _TOGETHER_PROPOSERS,
-        "aggregator": {
-            "provider": "together",
-            "model": "Qwen/Qwen2.5-72B-Instruct-Turbo",
-            "max_tokens": 2048,
-        },
-        "layers": 2,
-        "temperature": 0.7,
-        "max_tokens": 512,
-    },
+    "together": _hosted("together", _TOGETHER, _TOGETHER_PROPOSERS, _QWEN25_72B, layers=3),
+    "together-lite": _hosted("together", _TOGETHER, _TOGETHER_PROPOSERS, _QWEN25_72B, layers=2),
     # The paper's setups (Wang et al. 2024, section 3.1): six open proposers, temperature 0.7.
-    "paper-moa": {
-        "providers": {"together": _TOGETHER},
-        "proposers": _PAPER_PROPOSERS,
-        "aggregator": {
-            "provider": "together",
-            "model": "Qwen/Qwen1.5-110B-Chat",
-            "max_tokens": 2048,
-        },
-        "layers": 3,
-        "temperature": 0.7,
-        "max_tokens": 512,
-    },
-    "paper-moa-lite": {
-        "providers": {"together": _TOGETHER},
-        "proposers": _PAPER_PROPOSERS,
-        "aggregator": {
-            "provider": "together",
-            "model": "Qwen/Qwen1.5-72B-Chat",
-            "max_tokens": 2048,
-        },
-        "layers": 2,
-        "temperature": 0.7,
-        "max_tokens": 512,
-    },
-    "groq": {
-        "providers": {"groq": _GROQ},
-        "proposers": _agents(
+    "paper-moa": _hosted(
+        "together", _TOGETHER, _PAPER_PROPOSERS, "Qwen/Qwen1.5-110B-Chat", layers=3
+    ),
+    "paper-moa-lite": _hosted(
+        "together", _TOGETHER, _PAPER_PROPOSERS, "Qwen/Qwen1.5-72B-Chat", layers=2
+    ),
+    "groq": _hosted(
+        "groq",
+        _GROQ,
+        _agents(
             "groq",
             "llama-3.3-70b-versatile",
             "openai/gpt-oss-120b",
             "qwen/qwen3-32b",
             "llama-3.1-8b-instant",
         ),
-        "aggregator": {"provider": "groq", "model": "llama-3.3-70b-versatile", "max_tokens": 2048},
-        "layers": 2,
-        "temperature": 0.7,
-        "max_tokens": 512,
-    },
-    "openai": {
-        "providers": {"openai": _OPENAI},
-        "proposers": _agents("openai", "gpt-4.1-mini", "gpt-4o-mini", "gpt-4.1-nano"),
-        "aggregator": {"provider": "openai", "model": "gpt-4.1", "max_tokens": 2048},
-        "layers": 2,
-        "temperature": 0.7,
-        "max_tokens": 512,
-    },
+        "llama-3.3-70b-versatile",
+        layers=2,
+    ),
+    "openai": _hosted(
+        "openai",
+        _OPENAI,
+        _agents("openai", "gpt-4.1-mini", "gpt-4o-mini", "gpt-4.1-nano"),
+        "gpt-4.1",
+        layers=2,
+    ),
 }
 
 _DESCRIPTIONS = {
