@@ -8,10 +8,13 @@ backoff is decided in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
+import ssl
 import time
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2
@@ -32,6 +35,18 @@ from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk
 from moa.results import Usage
 
 __all__ = ["OpenAICompatibleProvider", "parse_retry_after"]
+
+#: Calls in flight on one SDK client before another is opened, and the most clients a provider
+#: keeps (see OpenAICompatibleProvider._shard).
+SHARD_CALLS = 16
+MAX_SHARDS = 32
+
+
+@dataclass(slots=True)
+class _Shard:
+    client: openai.AsyncOpenAI
+    in_flight: int = 0
+
 
 _CONTEXT_SIGNS = (
     "context_length_exceeded",
@@ -66,29 +81,45 @@ class OpenAICompatibleProvider:
             "OpenAI-Organization": openai.omit,
             "OpenAI-Project": openai.omit,
         }
-        self._client: openai.AsyncOpenAI | None = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._shards: list[_Shard] = []
+        self._shards_loop: asyncio.AbstractEventLoop | None = None
+        self._ssl_context: ssl.SSLContext | None = None
 
-    @property
-    def client(self) -> openai.AsyncOpenAI:
-        """The SDK client of the running event loop.
+    def _shard(self) -> _Shard:
+        """The SDK client (and connection pool) for the next call.
 
-        Pooled connections belong to the loop that opened them, so a caller who runs us from
-        a new loop (two `asyncio.run` calls, say) gets a new client instead of dead sockets.
+        Pooled connections belong to the loop that opened them, so a caller who runs us from a
+        new loop (two `asyncio.run` calls, say) gets new clients instead of dead sockets.
+
+        The HTTP pool scans every one of its connections on each request and each release,
+        so one pool serving hundreds of calls at once spends most of the CPU there (about a
+        third of `moa serve`'s under 100 streaming clients, by py-spy). Calls therefore go to
+        the least busy of several clients, and a new one is opened only when every client
+        already has SHARD_CALLS in flight: a single `moa ask` never uses more than one.
         """
         loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:
-            self._client = openai.AsyncOpenAI(
-                api_key=self._api_key or "",
-                base_url=self.base_url,
-                max_retries=0,
-                default_headers=self._default_headers,
-                # A keyless local server (Ollama, vLLM, llama.cpp) is legitimate; the SDK's own
-                # "missing credentials" check would refuse it.
-                _enforce_credentials=bool(self._api_key),
-            )
-            self._client_loop = loop
-        return self._client
+        if self._shards_loop is not loop:
+            self._shards, self._shards_loop = [], loop
+        shard = min(self._shards, key=lambda s: s.in_flight, default=None)
+        if shard is None or (shard.in_flight >= SHARD_CALLS and len(self._shards) < MAX_SHARDS):
+            shard = _Shard(self._new_client())
+            self._shards.append(shard)
+        return shard
+
+    def _new_client(self) -> openai.AsyncOpenAI:
+        # Building an SSL context costs tens of milliseconds of blocking work: do it once.
+        if self._ssl_context is None:
+            self._ssl_context = httpx2.create_ssl_context()
+        return openai.AsyncOpenAI(
+            api_key=self._api_key or "",
+            base_url=self.base_url,
+            max_retries=0,
+            default_headers=self._default_headers,
+            http_client=openai.DefaultAsyncHttpxClient(verify=self._ssl_context),
+            # A keyless local server (Ollama, vLLM, llama.cpp) is legitimate; the SDK's own
+            # "missing credentials" check would refuse it.
+            _enforce_credentials=bool(self._api_key),
+        )
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleProvider(name={self.name!r}, base_url={self.base_url!r})"
@@ -100,13 +131,13 @@ class OpenAICompatibleProvider:
         return self._context_window
 
     async def aclose(self) -> None:
-        client, loop = self._client, self._client_loop
-        self._client = self._client_loop = None
-        if client is not None and loop is asyncio.get_running_loop():
-            await client.close()
-        # A client of a finished loop cannot be closed from this one; its sockets went with it.
+        shards, loop = self._shards, self._shards_loop
+        self._shards, self._shards_loop = [], None
+        if loop is asyncio.get_running_loop():
+            await asyncio.gather(*(shard.client.close() for shard in shards))
+        # Clients of a finished loop cannot be closed from this one; their sockets went with it.
 
-    async def _post(self, request: ChatRequest, *, stream: bool) -> Any:
+    async def _post(self, client: openai.AsyncOpenAI, request: ChatRequest, *, stream: bool) -> Any:
         """POST /chat/completions through the SDK's low-level `post`.
 
         `chat.completions.create` first walks the whole request through the SDK's TypedDict
@@ -125,12 +156,12 @@ class OpenAICompatibleProvider:
         if self._extra_headers:
             options["headers"] = self._extra_headers
         if not stream:
-            return await self.client.post(
+            return await client.post(
                 "/chat/completions", cast_to=ChatCompletion, body=body, options=options
             )
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        return await self.client.post(
+        return await client.post(
             "/chat/completions",
             cast_to=ChatCompletion,
             body=body,
@@ -140,10 +171,14 @@ class OpenAICompatibleProvider:
         )
 
     async def complete(self, request: ChatRequest) -> Completion:
+        shard = self._shard()
+        shard.in_flight += 1
         try:
-            response: Any = await self._post(request, stream=False)
+            response: Any = await self._post(shard.client, request, stream=False)
         except Exception as error:
             raise self._translate(error, request.model) from None
+        finally:
+            shard.in_flight -= 1
         if not isinstance(response, ChatCompletion) or not response.choices:
             raise MalformedResponse(
                 "the response is not a chat completion with choices",
@@ -159,8 +194,21 @@ class OpenAICompatibleProvider:
         )
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
+        shard = self._shard()
+        shard.in_flight += 1
         try:
-            stream: Any = await self._post(request, stream=True)
+            # aclosing: a reader that stops early must end the HTTP stream now, not at GC.
+            async with contextlib.aclosing(self._stream(shard.client, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            shard.in_flight -= 1
+
+    async def _stream(
+        self, client: openai.AsyncOpenAI, request: ChatRequest
+    ) -> AsyncGenerator[StreamChunk, None]:
+        try:
+            stream: Any = await self._post(client, request, stream=True)
         except Exception as error:
             raise self._translate(error, request.model) from None
         received: list[str] = []
