@@ -168,6 +168,14 @@ def test_every_preset_is_a_valid_config(name: str) -> None:
     assert pipeline.call_count >= 2
 
 
+def test_the_local_preset_fixes_no_seed() -> None:
+    # A fixed seed made "regenerate" in a chat UI return the same answer every time.
+    config = preset_config("local")
+    pipeline = resolve_pipeline(config, config.providers)
+    agents = [a for layer in pipeline.layers for a in layer.agents] + [pipeline.aggregator]
+    assert agents and all(agent.seed is None for agent in agents)
+
+
 def test_paper_presets_match_the_paper() -> None:
     moa = resolve_pipeline(preset_config("paper-moa"), preset_config("paper-moa").providers)
     lite = resolve_pipeline(

@@ -59,14 +59,16 @@ def _hosted(
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Offline: the embedded SmolLM2-135M sampled three ways (Self-MoA), then aggregating.
+    # No seeds: each request samples afresh, so "regenerate" in a chat UI gives a new answer
+    # (batch reruns are reproducible through the call cache).
     "local": {
         "providers": {"local": {"type": "llama-cpp"}},
         "proposers": [
-            {"provider": "local", "temperature": 0.6, "seed": 11},
-            {"provider": "local", "temperature": 0.8, "seed": 22},
-            {"provider": "local", "temperature": 1.0, "seed": 33},
+            {"provider": "local", "temperature": 0.6},
+            {"provider": "local", "temperature": 0.8},
+            {"provider": "local", "temperature": 1.0},
         ],
-        "aggregator": {"provider": "local", "temperature": 0.3, "seed": 44, "max_tokens": 256},
+        "aggregator": {"provider": "local", "temperature": 0.3, "max_tokens": 256},
         "layers": 2,
         "max_tokens": 160,
     },
