@@ -319,6 +319,7 @@ def test_tokens_and_cost_per_agent_row_and_total(tmp_path: Path, fake: FakeOpenA
         }
         assert record["cost_usd"] == pytest.approx(3 * proposer + aggregator)
         (run,) = record["runs"]
+        assert run["usage"] == record["usage"]  # the same shape as the row's and the server's
         assert [a["cost_usd"] for a in run["layers"][0]] == pytest.approx([proposer] * 3)
         assert run["aggregator"]["cost_usd"] == pytest.approx(aggregator)
     assert f"${2 * (3 * proposer + aggregator):.4f}" in result.stderr
@@ -398,3 +399,45 @@ def test_plain_progress_lines_when_not_a_terminal(setup: dict[str, Path]) -> Non
     again = batch(setup["input"], "-o", setup["out"], "-c", setup["config"])
     assert again.exit_code == 0
     assert "all 6 rows are already finished" in again.stderr
+
+
+def test_finished_rows_of_another_pipeline_are_never_relabelled(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    """A rerun with another pipeline on a finished OUT: refused, naming the flag that keeps the
+    old rows; with it, they are exported under their own generator, not the new one."""
+    fake.respond("agg", lambda body, n: Reply(text="first pipeline's answer"))
+    fake.respond("best", lambda body, n: Reply(text="best pipeline's answer"))
+    first = write_config(tmp_path / "moa.yaml", fake)
+    second = tmp_path / "pipelines.yaml"
+    second.write_text(
+        json.dumps(
+            {
+                "providers": {"fake": {"base_url": fake.base_url}},
+                "pipelines": {"best": {"aggregator": {"model": "best"}, "layers": 1}},
+            }
+        )
+    )
+    source = write_rows(tmp_path / "rows.json", instructions(3))
+    out = tmp_path / "a.jsonl"
+    assert batch(source, "-o", out, "-c", first, "--format", "alpaca_eval").exit_code == 0
+    calls = len(fake.requests)
+    rerun = [source, "-o", out, "-c", second, "--pipeline", "best", "--format", "alpaca_eval"]
+    refused = batch(*rerun)
+    assert refused.exit_code == 2 and len(fake.requests) == calls
+    assert "3 finished rows" in refused.stderr and "--keep-other-pipelines" in refused.stderr
+    exported = json.loads(out.with_name("a.alpaca_eval.json").read_text())
+    assert {item["generator"] for item in exported} == {"moa"}  # untouched by the refusal
+
+    kept = batch(*rerun, "--keep-other-pipelines")
+    assert kept.exit_code == 0, kept.stderr
+    assert "kept" in kept.stderr and len(fake.requests) == calls
+    exported = json.loads(out.with_name("a.alpaca_eval.json").read_text())
+    assert [item["generator"] for item in exported] == ["moa"] * 3
+    assert {item["output"] for item in exported} == {"first pipeline's answer"}
+
+    # The same pipeline under a new --generator name relabels its own rows, as before.
+    renamed = batch(source, "-o", out, "-c", first, "--format", "alpaca_eval", "--generator", "v2")
+    assert renamed.exit_code == 0, renamed.stderr
+    exported = json.loads(out.with_name("a.alpaca_eval.json").read_text())
+    assert [item["generator"] for item in exported] == ["v2"] * 3

@@ -62,8 +62,11 @@ def test_ask_json_has_the_documented_keys(fake: FakeOpenAIServer, config: Path) 
     for agent in [*layer, data["aggregator"]]:
         assert set(agent) >= {"model", "provider", "output", "ok", "error", "latency_s", "usage"}
         assert agent["ok"] is True and agent["provider"] == "fake"
-    assert set(data["usage"]) == {"prompt_tokens", "completion_tokens"}
-    assert data["usage"]["prompt_tokens"] > 0
+    # One usage shape everywhere (the server's, each agent's, batch records'): with the total.
+    usage = data["usage"]
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert 0 < data["ttft_s"] <= data["latency_s"]
 
 
@@ -81,6 +84,26 @@ def test_a_bad_config_is_exit_2_with_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().count("\n") == 0
     assert done.stderr.startswith(f"error: {path}: layer: unknown key")
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_several_pipelines_without_one_chosen_name_the_pipeline_option(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(
+        f'providers: {{fake: {{base_url: "{fake.base_url}"}}}}\n'
+        "pipelines:\n  fast: {aggregator: {model: a}, layers: 1}\n"
+        "  best: {aggregator: {model: b}, layers: 1}\n"
+    )
+    done = moa("ask", "-c", str(path), "q")
+    assert done.returncode == 2 and not fake.requests
+    assert done.stderr.strip() == (
+        "error: the config defines pipelines fast, best: choose one with --pipeline NAME "
+        "(in Python: pipeline='NAME')"
+    )
+    chosen = moa("ask", "-c", str(path), "--pipeline", "best", "q")
+    assert chosen.returncode == 0, chosen.stderr
+    assert [r.model for r in fake.requests] == ["b"]
 
 
 def test_bad_usage_is_exit_2(config: Path) -> None:

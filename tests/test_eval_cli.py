@@ -485,6 +485,10 @@ pipelines:
     bench = run("mt-bench", export, "-q", questions, *judge_args(judge_config, cache))
     assert bench.exit_code == 0, bench.output
     assert "| **overall** | 9.00 | 9.00 | 9.00 | 4 |" in bench.stdout
+    # `moa batch` output itself is read as well as the export (same ids, turns and model name).
+    raw = run("mt-bench", outputs["strong"], "-q", questions, *judge_args(judge_config, cache))
+    assert raw.exit_code == 0, raw.output
+    assert raw.stdout == bench.stdout
     calls = len(fake.requests)
     assert (
         run("pairwise", outputs["strong"], outputs["weak"], *judge_args(judge_config, cache)).stdout

@@ -123,11 +123,13 @@ class MoA:
         *,
         env: Environment | None = None,
     ) -> MoA:
-        pipelines = open_pipelines(config, env=env, only=[pipeline] if pipeline else None)
-        if len(pipelines) > 1:
+        names = list(config.named_pipelines())
+        if pipeline is None and len(names) > 1:  # checked before any provider is opened
             raise ConfigError(
-                f"the config defines pipelines {', '.join(pipelines)}: name the one to run"
+                f"the config defines pipelines {', '.join(names)}: choose one with "
+                "--pipeline NAME (in Python: pipeline='NAME')"
             )
+        pipelines = open_pipelines(config, env=env, only=[pipeline] if pipeline else None)
         moa = next(iter(pipelines.values()))
         moa._owns_providers = True
         return moa

@@ -130,17 +130,13 @@ class RunResult:
         return [a for layer in self.layers for a in layer.agents] + list(self.aggregator_attempts)
 
     def to_dict(self) -> dict[str, Any]:
-        usage = self.usage
         return {
             "output": self.output,
             "ok": self.ok,
             "error": self.error,
             "layers": [[a.to_dict() for a in layer.agents] for layer in self.layers],
             "aggregator": self.aggregator.to_dict(),
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-            },
+            "usage": self.usage.to_dict(),
             "latency_s": round(self.latency_s, 4),
             "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4),
         }

@@ -64,14 +64,24 @@ def export(
     records: Mapping[str, Mapping[str, Any]],
     *,
     generator: str,
+    pipeline: str | None = None,
 ) -> ExportSummary:
+    """Write the finished rows. A row made by the pipeline `pipeline` (a fingerprint) is
+    labelled `generator`; one made by another pipeline keeps the generator it was made under."""
     finished = [(row, records[row.key]) for row in rows if _finished(records.get(row.key))]
+
+    def label(record: Mapping[str, Any]) -> str:
+        own = record.get("generator")
+        if pipeline is None or record.get("pipeline") == pipeline or not isinstance(own, str):
+            return generator
+        return own
+
     if fmt == "alpaca_eval":
-        items = [_alpaca_eval(row, record, generator) for row, record in finished]
+        items = [_alpaca_eval(row, record, label(record)) for row, record in finished]
         text = json.dumps(items, ensure_ascii=False, indent=2) + "\n"
     else:
         text = "".join(
-            json.dumps(_mt_bench(row, record, generator), ensure_ascii=False) + "\n"
+            json.dumps(_mt_bench(row, record, label(record)), ensure_ascii=False) + "\n"
             for row, record in finished
         )
     _write_atomically(path, text)

@@ -23,8 +23,8 @@ from moa.batch.rows import Row, load_rows
 from moa.batch.runner import pipeline_fingerprint, run_batch
 from moa.batch.store import OutputStore
 from moa.cli.options import environment, load_selected, pipeline_options
-from moa.config import ConfigFile
-from moa.engine import MoA, close_providers, open_pipelines
+from moa.config import ConfigFile, Pipeline, resolve_pipeline
+from moa.engine import MoA, open_pipelines
 from moa.errors import ConfigError, MoAError
 from moa.providers.base import Provider
 from moa.providers.cache import CachedProvider, CallCache, cache_base_url, default_cache_path
@@ -73,6 +73,12 @@ class BatchIncomplete(MoAError):
 )
 @click.option("--generator", help="Model name in exports and records (default: the pipeline's).")
 @click.option(
+    "--keep-other-pipelines",
+    is_flag=True,
+    help="Accept an OUT whose finished rows another pipeline made: they are kept, and exported "
+    "under their own generator name.",
+)
+@click.option(
     "--cache",
     "cache_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -97,6 +103,7 @@ def command(
     export_format: Literal["jsonl", "alpaca_eval", "mt_bench"],
     export_path: Path | None,
     generator: str | None,
+    keep_other_pipelines: bool,
     cache_path: Path | None,
     no_cache: bool,
     progress_interval: float,
@@ -128,6 +135,7 @@ def command(
             env_file=env_file,
             concurrency=concurrency,
             generator=generator,
+            keep_other_pipelines=keep_other_pipelines,
             cache_path=None if no_cache else (cache_path or default_cache_path()),
             progress_interval=progress_interval,
             fmt=fmt,
@@ -151,13 +159,18 @@ async def _run(
     env_file: Path | None,
     concurrency: int,
     generator: str,
+    keep_other_pipelines: bool,
     cache_path: Path | None,
     progress_interval: float,
     fmt: ExportFormat | None,
     export_path: Path | None,
 ) -> BatchStats:
+    fingerprint = pipeline_fingerprint(_chosen_pipeline(config, pipeline))
     store = OutputStore.open(output_path)
     try:
+        # Checked whether or not rows are pending: a rerun whose rows are all finished would
+        # otherwise export another pipeline's answers under this one's name.
+        _check_other_pipelines(store, fingerprint, keep_other_pipelines)
         stats = BatchStats(total=len(rows), skipped=sum(row.key in store.finished for row in rows))
         if stats.to_run == 0:
             click.echo(
@@ -179,7 +192,9 @@ async def _run(
     finally:
         await store.aclose()
     if fmt is not None and export_path is not None:
-        summary = export(fmt, export_path, rows, store.records(), generator=generator)
+        summary = export(
+            fmt, export_path, rows, store.records(), generator=generator, pipeline=fingerprint
+        )
         incomplete = (
             f" ({summary.missing} rows without an answer left out)" if summary.missing else ""
         )
@@ -205,13 +220,7 @@ async def _run_pending(
     pipelines = open_pipelines(
         config, env=environment(config, env_file), only=[pipeline] if pipeline else None
     )
-    if len(pipelines) > 1:
-        await close_providers(pipelines)
-        raise ConfigError(
-            f"the config defines pipelines {', '.join(pipelines)}: name one with --pipeline"
-        )
     base = next(iter(pipelines.values()))
-    _warn_if_other_pipeline(store, pipeline_fingerprint(base.pipeline))
     cache = CallCache(cache_path) if cache_path is not None else None
     providers: dict[str, Provider] = dict(base.providers)
     if cache is not None:
@@ -236,21 +245,43 @@ async def _run_pending(
             cache.close()
 
 
-def _warn_if_other_pipeline(store: OutputStore, fingerprint: str) -> None:
-    """Resuming with a changed config mixes two pipelines' answers in one output: say so."""
-    if not store.finished:
-        return
-    other = sum(
-        1
+def _chosen_pipeline(config: ConfigFile, pipeline: str | None) -> Pipeline:
+    """The pipeline this run uses, resolved without opening any provider."""
+    named = config.named_pipelines()
+    if pipeline is None and len(named) > 1:
+        raise ConfigError(
+            f"the config defines pipelines {', '.join(named)}: choose one with --pipeline NAME"
+        )
+    name = pipeline or next(iter(named))
+    if name not in named:
+        raise ConfigError(f"no pipeline named {name!r}; the config has: {', '.join(named)}")
+    defaults = config if config.pipelines is not None else None
+    return resolve_pipeline(named[name], config.providers, defaults=defaults)
+
+
+def _check_other_pipelines(store: OutputStore, fingerprint: str, keep: bool) -> None:
+    """A finished row made by another pipeline configuration must never pass for this one's:
+    refuse, unless told to keep such rows (exports then label them with their own generator)."""
+    other = [
+        record
         for record in store.records().values()
         if record.get("ok") is True and record.get("pipeline") != fingerprint
-    )
-    if other:
-        click.echo(
-            f"warning: {other} finished rows in {store.path} were made by a different pipeline "
-            "configuration; they are kept (use another --output to regenerate them)",
-            err=True,
+    ]
+    if not other:
+        return
+    names = sorted({str(r.get("generator") or "?") for r in other})
+    made_by = f"a different pipeline configuration (generator {', '.join(names)})"
+    if not keep:
+        raise ConfigError(
+            f"{len(other)} finished rows in {store.path} were made by {made_by}; they would be "
+            "passed off as this pipeline's answers. Use another --output for this pipeline, or "
+            "pass --keep-other-pipelines to keep them under their own generator name"
         )
+    click.echo(
+        f"warning: {len(other)} finished rows in {store.path} were made by {made_by}; kept, "
+        "and exported under their own generator name (--keep-other-pipelines)",
+        err=True,
+    )
 
 
 def _refuse_same_file(input_path: Path, output_path: Path, export_path: Path | None) -> None:

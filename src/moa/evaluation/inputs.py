@@ -274,8 +274,8 @@ _QUESTION_FORMAT = (
     "turns (a list of strings), and optionally reference"
 )
 _ANSWER_FORMAT = (
-    "expected MT-Bench model answers: one JSON object per line with question_id, model_id "
-    "and choices: [{index, turns: [...]}]"
+    "expected MT-Bench model answers (one JSON object per line with question_id, model_id "
+    "and choices: [{index, turns: [...]}]) or `moa batch` output"
 )
 
 
@@ -326,6 +326,8 @@ def load_questions(path: Path) -> dict[str, Question]:
 def _answer(record: Any) -> ModelAnswer | str:
     if not isinstance(record, Mapping):
         return "not a JSON object"
+    if "question_id" not in record and "outputs" in record:
+        return _batch_answer(record)
     qid = _question_id(record.get("question_id"))
     if qid is None:
         return "no question_id"
@@ -336,6 +338,25 @@ def _answer(record: Any) -> ModelAnswer | str:
     if turns is None:
         return "no choices[0].turns"
     model = record.get("model_id")
+    return ModelAnswer(
+        question_id=qid, model=model if isinstance(model, str) and model else "model", turns=turns
+    )
+
+
+def _batch_answer(record: Mapping[str, Any]) -> ModelAnswer | str:
+    """A `moa batch` output line: the answer per turn under `outputs`, the question's id as
+    the row's id (its `question_id` when the input row had one)."""
+    if record.get("ok") is False:
+        return "failed in the batch (ok: false)"
+    source = record.get("row")
+    qid = _question_id(source.get("question_id")) if isinstance(source, Mapping) else None
+    qid = qid or _question_id(record.get("id"))
+    if qid is None:
+        return "no question_id (nor id)"
+    turns = _strings(record.get("outputs"))
+    if turns is None:
+        return "no outputs"
+    model = record.get("generator")
     return ModelAnswer(
         question_id=qid, model=model if isinstance(model, str) and model else "model", turns=turns
     )
