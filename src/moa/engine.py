@@ -34,6 +34,7 @@ from moa.results import (
     AgentFinished,
     AgentResult,
     AgentStarted,
+    AgentTextDelta,
     Done,
     Event,
     LayerResult,
@@ -170,12 +171,19 @@ class MoA:
             self._runner = asyncio.Runner()
         return self._runner.run(self.arun(prompt))
 
-    async def stream(self, prompt: Prompt) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, prompt: Prompt, *, agent_text: bool = False
+    ) -> AsyncGenerator[Event, None]:
         """Run, yielding AgentStarted / AgentFinished as agents go, TextDelta as the final answer
-        streams, and Done at the end. Stopping the iteration cancels every call in flight."""
+        streams, and Done at the end. Stopping the iteration cancels every call in flight.
+
+        With `agent_text`, every agent's call streams and its text comes as AgentTextDelta
+        (the aggregator's too, besides TextDelta). Without it proposers are not streamed: a
+        whole answer in one response is cheaper to receive when nobody watches it arrive.
+        """
         messages = normalize_messages(prompt)
         queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-        task = asyncio.create_task(self._run(messages, queue.put_nowait))
+        task = asyncio.create_task(self._run(messages, queue.put_nowait, agent_text))
         task.add_done_callback(
             lambda t: queue.put_nowait(t.exception() or _FINISHED) if not t.cancelled() else None
         )
@@ -193,7 +201,12 @@ class MoA:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _run(self, conversation: list[ChatMessage], emit: Callable[[Event], None]) -> None:
+    async def _run(
+        self,
+        conversation: list[ChatMessage],
+        emit: Callable[[Event], None],
+        agent_text: bool = False,
+    ) -> None:
         started = time.monotonic()
         budget = RunBudget(self.pipeline.max_total_tokens)
         layers: list[LayerResult] = []
@@ -201,7 +214,7 @@ class MoA:
         for number, layer in enumerate(self.pipeline.layers, start=1):
             try:
                 result = await self._run_layer(
-                    number, layer, conversation, references, budget, emit
+                    number, layer, conversation, references, budget, emit, agent_text
                 )
             except RunError as error:
                 error.result = self._partial(layers, started, error)
@@ -212,14 +225,17 @@ class MoA:
         ttft: float | None = None
         attempts: list[AgentResult] = []
 
-        def on_text(text: str) -> None:
-            nonlocal ttft
-            if ttft is None:
-                ttft = time.monotonic() - started
-            emit(TextDelta(text))
-
         number = len(self.pipeline.layers) + 1
         for index, agent in enumerate((self.pipeline.aggregator, *self.pipeline.fallbacks)):
+
+            def on_text(text: str, index: int = index) -> None:
+                nonlocal ttft
+                if ttft is None:
+                    ttft = time.monotonic() - started
+                if agent_text:
+                    emit(AgentTextDelta(number, index, text))
+                emit(TextDelta(text))
+
             call = self._call(agent, conversation, references, number, index)
             emit(AgentStarted(number, index, agent.provider, agent.model, is_aggregator=True))
             try:
@@ -310,6 +326,7 @@ class MoA:
         references: Sequence[str],
         budget: RunBudget,
         emit: Callable[[Event], None],
+        agent_text: bool = False,
     ) -> LayerResult:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -318,8 +335,9 @@ class MoA:
         for index, agent in enumerate(layer.agents):
             call = self._call(agent, conversation, references, number, index)
             emit(AgentStarted(number, index, agent.provider, agent.model))
+            on_text = _agent_text(emit, number, index) if agent_text else None
             task = asyncio.create_task(
-                call_agent(self.providers[agent.provider], call, budget=budget)
+                call_agent(self.providers[agent.provider], call, budget=budget, on_text=on_text)
             )
             tasks[task] = index
         results: dict[int, AgentResult] = {}
@@ -399,6 +417,10 @@ class MoA:
 
 
 _FINISHED: Any = object()
+
+
+def _agent_text(emit: Callable[[Event], None], layer: int, index: int) -> Callable[[str], None]:
+    return lambda text: emit(AgentTextDelta(layer, index, text))
 
 
 class PipelineProvider:

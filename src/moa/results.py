@@ -13,6 +13,7 @@ __all__ = [
     "AgentFinished",
     "AgentResult",
     "AgentStarted",
+    "AgentTextDelta",
     "Done",
     "Event",
     "LayerResult",
@@ -166,8 +167,21 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentTextDelta:
+    """A piece of one agent's answer as it streams: proposers and the aggregator alike.
+
+    Sent only when asked for (`MoA.stream(..., agent_text=True)`). `layer` and `index` match
+    the agent's AgentStarted; the aggregator's text also comes, once more, as TextDelta.
+    """
+
+    layer: int
+    index: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     result: RunResult
 
 
-Event = AgentStarted | AgentFinished | TextDelta | Done
+Event = AgentStarted | AgentFinished | AgentTextDelta | TextDelta | Done

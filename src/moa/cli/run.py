@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from moa.cli.agent_text import AgentTextPrinter
 from moa.cli.display import AgentStatusView
 from moa.cli.options import environment, load_selected, pipeline_options
 from moa.config import resolve_pipeline
@@ -31,18 +32,28 @@ def open_moa(
 
 
 async def answer(
-    moa: MoA, messages: list[ChatMessage], *, show_text: bool, status: bool
+    moa: MoA,
+    messages: list[ChatMessage],
+    *,
+    show_text: bool,
+    status: bool,
+    show_agents: bool = False,
 ) -> RunResult:
-    """Run once: live status on stderr if wanted, the answer streamed to stdout if wanted.
+    """Run once: live status on stderr if wanted, the answer streamed to stdout if wanted,
+    and with `show_agents` every proposer's text on stderr as it streams.
 
     A run that fails raises RunError after anything already streamed has been flushed.
     """
-    view = AgentStatusView(Console(stderr=True)) if status else None
+    console = Console(stderr=True)
+    view = AgentStatusView(console) if status else None
+    printer = AgentTextPrinter(console) if show_agents else None
     wrote = False
     try:
         with view if view is not None else contextlib.nullcontext():
-            async with contextlib.aclosing(moa.stream(messages)) as events:
+            async with contextlib.aclosing(moa.stream(messages, agent_text=show_agents)) as events:
                 async for event in events:
+                    if printer is not None:
+                        printer.update(event)
                     if view is not None:
                         view.update(event)
                     if isinstance(event, TextDelta) and show_text:
@@ -67,6 +78,11 @@ async def answer(
     is_flag=True,
     help="Print one JSON object with every agent's output at the end.",
 )
+@click.option(
+    "--show-agents",
+    is_flag=True,
+    help="Stream every proposer's text to stderr as it arrives, each line labelled.",
+)
 def ask(
     prompt: str,
     config_path: Path | None,
@@ -74,6 +90,7 @@ def ask(
     pipeline: str | None,
     env_file: Path | None,
     as_json: bool,
+    show_agents: bool,
 ) -> None:
     """Answer PROMPT with a MoA pipeline (PROMPT '-' reads standard input)."""
     if prompt == "-":
@@ -86,7 +103,11 @@ def ask(
     async def go() -> RunResult:
         async with moa:
             return await answer(
-                moa, [{"role": "user", "content": prompt}], show_text=not as_json, status=status
+                moa,
+                [{"role": "user", "content": prompt}],
+                show_text=not as_json,
+                status=status,
+                show_agents=show_agents,
             )
 
     try:
