@@ -4,6 +4,8 @@
                  file `alpaca_eval --model_outputs` takes
     mt_bench     FastChat's model-answer JSONL, one {question_id, answer_id, model_id,
                  choices: [{index, turns}], tstamp} per question (data/mt_bench/model_answer/)
+    flask        FLASK's model-output JSONL, one {question_id, text, model_id} per item, the
+                 file its review scripts read
 
 Rows come out in input order, finished rows only; an export is rewritten whole after every
 run, atomically, so it never holds half a file.
@@ -25,10 +27,11 @@ from moa.batch.rows import InputError, Row
 
 __all__ = ["ExportFormat", "ExportSummary", "check_exportable", "default_export_path", "export"]
 
-ExportFormat = Literal["alpaca_eval", "mt_bench"]
+ExportFormat = Literal["alpaca_eval", "mt_bench", "flask"]
 _SUFFIX: dict[ExportFormat, str] = {
     "alpaca_eval": ".alpaca_eval.json",
     "mt_bench": ".mt_bench.jsonl",
+    "flask": ".flask.jsonl",
 }
 
 
@@ -47,12 +50,12 @@ def default_export_path(output: Path, fmt: ExportFormat) -> Path:
 
 def check_exportable(rows: Sequence[Row], fmt: ExportFormat, source: Path) -> None:
     """Refuse, before anything runs, an input the format cannot represent."""
-    if fmt != "alpaca_eval":
+    if fmt == "mt_bench":
         return
     for row in rows:
         if len(row.turns) > 1:
             raise InputError(
-                f"{source} {row.where}: has {len(row.turns)} turns, but alpaca_eval is "
+                f"{source} {row.where}: has {len(row.turns)} turns, but {fmt} is "
                 "single-turn: use --format mt_bench (or jsonl) for multi-turn rows"
             )
 
@@ -80,8 +83,9 @@ def export(
         items = [_alpaca_eval(row, record, label(record)) for row, record in finished]
         text = json.dumps(items, ensure_ascii=False, indent=2) + "\n"
     else:
+        line = _mt_bench if fmt == "mt_bench" else _flask
         text = "".join(
-            json.dumps(_mt_bench(row, record, label(record)), ensure_ascii=False) + "\n"
+            json.dumps(line(row, record, label(record)), ensure_ascii=False) + "\n"
             for row, record in finished
         )
     _write_atomically(path, text)
@@ -114,6 +118,10 @@ def _mt_bench(row: Row, record: Mapping[str, Any], generator: str) -> dict[str, 
         "choices": [{"index": 0, "turns": list(outputs)}],
         "tstamp": _timestamp(record.get("finished_at")),
     }
+
+
+def _flask(row: Row, record: Mapping[str, Any], generator: str) -> dict[str, Any]:
+    return {"question_id": row.id, "text": record.get("output", ""), "model_id": generator}
 
 
 def _timestamp(value: Any) -> float | None:

@@ -3,10 +3,11 @@
     {"instruction": "…"}                               AlpacaEval (an `input` field is appended)
     {"question_id": 81, "turns": ["…", "…"]}           MT-Bench question.jsonl: turn by turn
     {"id": "a", "messages": [{"role": …}, …]}          OpenAI messages, ending with the user's
+    {"question_id": 1, "text": "…", "metrics": […]}    FLASK evaluation rows (`idx` as id too)
 
-A row's id is its `id`, else its `question_id`, else its position (0-based). The whole input is
-checked before anything runs, and every problem is reported as one line naming the file, the
-row and the fix.
+A row's id is its `id`, else its `question_id`, else its `idx`, else its position (0-based).
+The whole input is checked before anything runs, and every problem is reported as one line
+naming the file, the row and the fix.
 """
 
 from __future__ import annotations
@@ -123,22 +124,25 @@ def _row(path: Path, where: str, index: int, item: Any) -> Row:
             f"got {type(item).__name__}"
         )
     present = [key for key in _CONTENT_KEYS if key in item]
+    instruction_key = "instruction"
+    if not present and "text" in item:  # FLASK names the instruction `text`
+        instruction_key, present = "text", ["instruction"]
     if not present:
         raise fail("no 'instruction', 'turns' or 'messages': every row needs one of them")
     if len(present) > 1:
         raise fail(f"has both {present[0]!r} and {present[1]!r}: keep one of them")
     kind = present[0]
 
-    row_id: Any = item.get("id", item.get("question_id", index))
+    row_id: Any = item.get("id", item.get("question_id", item.get("idx", index)))
     if isinstance(row_id, bool) or not isinstance(row_id, int | str) or row_id == "":
-        field_name = "id" if "id" in item else "question_id"
+        field_name = next((k for k in ("id", "question_id", "idx") if k in item), "id")
         raise fail(f"{field_name!r} must be a non-empty string or an integer, got {row_id!r}")
 
     history: tuple[ChatMessage, ...] = ()
     if kind == "instruction":
-        instruction = item["instruction"]
+        instruction = item[instruction_key]
         if not isinstance(instruction, str) or not instruction.strip():
-            raise fail("'instruction' must be a non-empty string")
+            raise fail(f"{instruction_key!r} must be a non-empty string")
         extra = item.get("input")
         if isinstance(extra, str) and extra.strip():  # Alpaca's optional context for the task
             instruction = f"{instruction}\n\n{extra}"

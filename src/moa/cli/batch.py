@@ -59,17 +59,18 @@ class BatchIncomplete(MoAError):
 @click.option(
     "--format",
     "export_format",
-    type=click.Choice(["jsonl", "alpaca_eval", "mt_bench"]),
+    type=click.Choice(["jsonl", "alpaca_eval", "mt_bench", "flask"]),
     default="jsonl",
     show_default=True,
-    help="Also write the finished answers for AlpacaEval or MT-Bench (FastChat) after the run.",
+    help="Also write the finished answers for AlpacaEval, MT-Bench (FastChat) or FLASK after "
+    "the run.",
 )
 @click.option(
     "--export",
     "export_path",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where --format writes (default: beside OUT, answers.jsonl → "
-    "answers.alpaca_eval.json or answers.mt_bench.jsonl).",
+    "answers.alpaca_eval.json, answers.mt_bench.jsonl or answers.flask.jsonl).",
 )
 @click.option("--generator", help="Model name in exports and records (default: the pipeline's).")
 @click.option(
@@ -100,7 +101,7 @@ def command(
     pipeline: str | None,
     env_file: Path | None,
     concurrency: int,
-    export_format: Literal["jsonl", "alpaca_eval", "mt_bench"],
+    export_format: Literal["jsonl", "alpaca_eval", "mt_bench", "flask"],
     export_path: Path | None,
     generator: str | None,
     keep_other_pipelines: bool,
@@ -110,13 +111,14 @@ def command(
 ) -> None:
     """Run a pipeline over every row of INPUT (JSONL or a JSON list), saving each to OUT.
 
-    A row holds `instruction` (AlpacaEval), `turns` (MT-Bench) or `messages` (OpenAI); its id
-    is `id`, `question_id` or its position. Exit code 1 if some rows failed: rerun to retry.
+    A row holds `instruction` (AlpacaEval), `turns` (MT-Bench), `messages` (OpenAI) or `text`
+    (FLASK); its id is `id`, `question_id`, `idx` or its position. Exit code 1 if some rows
+    failed: rerun to retry.
     """
     if no_cache and cache_path is not None:
         raise click.UsageError("give either --cache or --no-cache, not both")
     if export_path is not None and export_format == "jsonl":
-        raise click.UsageError("--export needs --format alpaca_eval or --format mt_bench")
+        raise click.UsageError("--export needs --format alpaca_eval, mt_bench or flask")
     config, selected = load_selected(config_path, preset)
     generator = generator or pipeline or (config_path.stem if config_path else selected)
     rows = load_rows(input_path)

@@ -43,6 +43,9 @@ from moa.evaluation import (
     write_json,
 )
 from moa.evaluation.judges import Judge
+from moa.evaluation.length_control import length_controlled as fit_from_results
+from moa.evaluation.length_control import length_controlled_json, length_controlled_markdown
+from moa.evaluation.plots import check_plot_path, plot_mt_bench, plot_pairwise
 from moa.presets import PRESETS, preset_config
 from moa.providers import build_providers
 from moa.providers.base import Provider
@@ -366,6 +369,16 @@ def command() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the full report, every verdict included, as JSON here.",
 )
+@click.option(
+    "--length-controlled",
+    is_flag=True,
+    help="Also report the length-controlled win rate, fitted on this judge's verdicts.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the report as a chart here (.png, .svg or .pdf; needs the [plot] extra).",
+)
 def pairwise(
     a_path: Path,
     b_path: Path,
@@ -373,6 +386,8 @@ def pairwise(
     name_b: str | None,
     limit: int | None,
     output_json: Path | None,
+    length_controlled: bool,
+    plot: Path | None,
     **judge: Any,
 ) -> None:
     """Win rate of A over B, as a judge sees it.
@@ -382,8 +397,14 @@ def pairwise(
     both files have ids, else by instruction. Each item is judged twice, A's answer shown first
     and then B's, so a judge's preference for a position cancels out; ties count half. The
     win rate comes with its standard error over items.
+
+    With --length-controlled, the win rate at equal answer lengths is fitted on the same
+    verdicts (a logistic model with a length term, as length-controlled AlpacaEval does) and
+    shown beside the raw one.
     """
     options = JudgeOptions(**judge)
+    if plot is not None:
+        check_plot_path(plot)
     a = load_outputs(a_path, name_a)
     b = load_outputs(b_path, name_b)
 
@@ -392,9 +413,17 @@ def pairwise(
         return await evaluate_pairwise(judge, a, b, limit=limit, on_start=on_start, on_done=on_done)
 
     report = _run_judged(options, work)
+    controlled = fit_from_results(report.results) if length_controlled else None
     click.echo(pairwise_markdown(report), nl=False)
+    if length_controlled:
+        click.echo(length_controlled_markdown(controlled, report.judge), nl=False)
     if output_json is not None:
-        write_json(output_json, pairwise_json(report))
+        data = pairwise_json(report)
+        if length_controlled:
+            data["length_controlled"] = length_controlled_json(controlled)
+        write_json(output_json, data)
+    if plot is not None:
+        plot_pairwise(report, plot, controlled)
     failures = [j for r in report.results for j in r.judgments if j.failed]
     _warn_failures(len(failures), failures[0].problem if failures else None)
     if report.summary.scored == 0:
@@ -427,12 +456,18 @@ def pairwise(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the full report, every grade and judge reply included, as JSON here.",
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the report as a chart here (.png, .svg or .pdf; needs the [plot] extra).",
+)
 def mt_bench(
     answers_path: Path,
     questions_path: Path,
     reference_answers: Path | None,
     limit: int | None,
     output_json: Path | None,
+    plot: Path | None,
     **judge: Any,
 ) -> None:
     """Grade every turn of ANSWERS 1-10 and average per category.
@@ -442,6 +477,8 @@ def mt_bench(
     two-turn exchange, and the reference answer where the question has one.
     """
     options = JudgeOptions(**judge)
+    if plot is not None:
+        check_plot_path(plot)
     questions = load_questions(questions_path)
     if reference_answers is not None:
         questions = load_reference_answers(reference_answers, questions)
@@ -465,6 +502,8 @@ def mt_bench(
     click.echo(mt_bench_markdown(report), nl=False)
     if output_json is not None:
         write_json(output_json, mt_bench_json(report))
+    if plot is not None:
+        plot_mt_bench(report, plot)
     failures = [g for g in report.grades if g.failed]
     _warn_failures(len(failures), failures[0].problem if failures else None)
     if not any(g.score is not None for g in report.grades):
@@ -473,3 +512,7 @@ def mt_bench(
             f"{sum(g.score is None and not g.failed for g in report.grades)} grades unparseable"
             + ("" if report.grades else " (no answer matches a question id)")
         )
+
+
+# Subcommands kept in modules of their own register themselves on `command` when imported.
+from moa.cli import evaluate_flask as _evaluate_flask  # noqa: E402, F401

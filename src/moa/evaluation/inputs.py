@@ -35,6 +35,7 @@ __all__ = [
     "load_questions",
     "load_reference_answers",
     "match_outputs",
+    "read_records",
 ]
 
 _ROLES = ("system", "user", "assistant")
@@ -79,6 +80,10 @@ def _read_records(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
                 f"{path}:{number}: not a JSON object ({error.msg}); {expected}, "
                 "one JSON object per line or one JSON list"
             ) from None
+
+
+#: Public name for the other evaluations' readers.
+read_records = _read_records
 
 
 # --- pairwise -------------------------------------------------------------------------------

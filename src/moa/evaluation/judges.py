@@ -33,10 +33,12 @@ __all__ = [
     "PairChoice",
     "ParsedGrade",
     "ParsedVerdict",
+    "block",
     "grading_messages",
     "pairwise_messages",
     "parse_grade",
     "parse_pair_verdict",
+    "visible_text",
 ]
 
 GRADE_MIN = 1.0
@@ -266,6 +268,11 @@ def _visible(text: str) -> str:
     text = _THINK_BLOCK.sub("", text)
     unclosed = _THINK_OPEN.search(text)
     return text[: unclosed.start()] if unclosed else text
+
+
+#: Public names for the other evaluations' prompts and parsers.
+block = _block
+visible_text = _visible
 
 
 def _pair_choice(word: str) -> PairChoice:

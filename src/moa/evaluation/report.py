@@ -14,10 +14,12 @@ from moa.evaluation.mt_bench import CategoryScores, MTBenchReport, Score
 from moa.evaluation.pairwise import PairwiseReport, SystemInfo
 
 __all__ = [
+    "cell",
     "mt_bench_json",
     "mt_bench_markdown",
     "pairwise_json",
     "pairwise_markdown",
+    "table",
     "write_json",
 ]
 
@@ -31,6 +33,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines.extend("| " + " | ".join(row) + " |" for row in rows)
     return lines
+
+
+#: Public names for the other evaluations' reports.
+cell = _cell
+table = _table
 
 
 def _percent(value: float | None) -> str:
