@@ -43,7 +43,8 @@ def test_retry_after_ms_and_http_date_are_understood(fake: FakeOpenAIServer, mak
     when = email.utils.formatdate(time.time() + 2, usegmt=True)
     fake.script("p1", Reply(status=429, headers={"retry-after-ms": "300"}))
     fake.script("p2", Reply(status=503, headers={"Retry-After": when}))
-    run(make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"}))
+    # wait: all, or the straggler cut-off would end p2's wait once p1 has answered.
+    run(make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"}, wait="all"))
     a, b = fake.requests_for("p1")
     assert 0.25 <= b.started - (a.ended or 0) <= 0.9
     c, d = fake.requests_for("p2")

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moa.errors import ConfigError
+from moa.straggler import DEFAULT_CUTOFF, Cutoff
 
 __all__ = [
     "Agent",
@@ -135,6 +136,10 @@ class CallSettings(_Strict):
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     max_retry_wait: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     context_window: int | None = Field(default=None, ge=64)
+    #: Hedged calls (moa.hedge): no first token after this many seconds sends a second request,
+    #: to `hedge_provider` (default: the agent's own provider).
+    hedge_after: PositiveFloat | None = None
+    hedge_provider: str | None = None
 
 
 class AgentConfig(CallSettings):
@@ -147,13 +152,22 @@ class AggregatorConfig(AgentConfig):
     fallbacks: list[AgentConfig] = Field(default_factory=list)
 
 
-class LayerConfig(_Strict):
+class StragglerSettings(_Strict):
+    """When a layer stops waiting for slow agents (see moa.straggler). Top level or layer."""
+
+    #: cutoff (default): cut hung agents once the layer has its answers; all: wait for every one.
+    wait: Literal["cutoff", "all"] | None = None
+    straggler_factor: float | None = Field(default=None, ge=1, allow_inf_nan=False)
+    straggler_floor: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class LayerConfig(StragglerSettings):
     agents: list[AgentConfig] = Field(min_length=1)
     min_ok: int | None = Field(default=None, ge=1)
     layer_timeout: PositiveFloat | None = None
 
 
-class PipelineConfig(CallSettings):
+class PipelineConfig(CallSettings, StragglerSettings):
     """One MoA pipeline: proposer layers and an aggregator."""
 
     proposers: list[AgentConfig] | None = None
@@ -262,6 +276,8 @@ class Agent:
     max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT_S
     #: None: the provider's own knowledge (llama.cpp) or DEFAULT_HTTP_CONTEXT_WINDOW.
     context_window: int | None = None
+    hedge_after: float | None = None
+    hedge_provider: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +285,8 @@ class Layer:
     agents: tuple[Agent, ...]
     min_ok: int = 1
     timeout: float | None = None
+    #: None: wait for every agent (`wait: all`).
+    cutoff: Cutoff | None = DEFAULT_CUTOFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,9 +348,30 @@ def _resolve_agent(
             raise ConfigError(f"{where}: 'model' is required for provider {provider!r}")
         model = Path(provider_config.model_path).stem if provider_config.model_path else "smollm2"
     settings = _merge(*defaults, agent)
+    hedge = settings.get("hedge_provider")
+    if hedge is not None and hedge not in providers:
+        known = ", ".join(sorted(providers))
+        raise ConfigError(
+            f"{where}: hedge_provider {hedge!r} is not under 'providers' (known: {known})"
+        )
     if settings.get("context_window") is None and provider_config.context_window:
         settings["context_window"] = provider_config.context_window
     return Agent(provider=provider, model=model, **settings)
+
+
+def _cutoff(*levels: StragglerSettings | CallSettings | None) -> Cutoff | None:
+    """The first level that sets each straggler key wins (layer, then pipeline, then file)."""
+
+    def first(name: str) -> Any:
+        return next((v for lv in levels if (v := getattr(lv, name, None)) is not None), None)
+
+    if first("wait") == "all":
+        return None
+    factor, floor = first("straggler_factor"), first("straggler_floor")
+    return Cutoff(
+        factor=DEFAULT_CUTOFF.factor if factor is None else factor,
+        floor=DEFAULT_CUTOFF.floor if floor is None else floor,
+    )
 
 
 def resolve_pipeline(
@@ -371,7 +410,10 @@ def resolve_pipeline(
             )
         layers.append(
             Layer(
-                agents=agents, min_ok=min_ok, timeout=layer_config.layer_timeout or pipeline_timeout
+                agents=agents,
+                min_ok=min_ok,
+                timeout=layer_config.layer_timeout or pipeline_timeout,
+                cutoff=_cutoff(layer_config, pipeline, defaults),
             )
         )
 

@@ -21,6 +21,7 @@ from moa.calls import AgentCall, call_agent
 from moa.config import Agent, ConfigFile, Layer, Pipeline, load_config, resolve_pipeline
 from moa.env import Environment
 from moa.errors import AggregatorFailed, ConfigError, InvalidRequest, LayerFailed, RunError
+from moa.hedge import call_hedged
 from moa.providers import build_providers
 from moa.providers.base import (
     ChatMessage,
@@ -41,6 +42,7 @@ from moa.results import (
     RunResult,
     TextDelta,
 )
+from moa.straggler import StragglerWatch
 
 __all__ = [
     "MoA",
@@ -105,7 +107,7 @@ class MoA:
         name: str = "moa",
         owns_providers: bool = True,
     ) -> None:
-        missing = sorted({a.provider for a in _agents(pipeline)} - set(providers))
+        missing = sorted(_used_providers(pipeline) - set(providers))
         if missing:
             raise ConfigError(f"no provider instance for: {', '.join(missing)}")
         self.pipeline = pipeline
@@ -239,9 +241,7 @@ class MoA:
             call = self._call(agent, conversation, references, number, index)
             emit(AgentStarted(number, index, agent.provider, agent.model, is_aggregator=True))
             try:
-                outcome = await call_agent(
-                    self.providers[agent.provider], call, budget=budget, on_text=on_text
-                )
+                outcome = await self._call_agent(call, budget, on_text)
             except RunError as error:
                 error.result = self._partial(layers, started, error, attempts)
                 raise
@@ -336,15 +336,18 @@ class MoA:
             call = self._call(agent, conversation, references, number, index)
             emit(AgentStarted(number, index, agent.provider, agent.model))
             on_text = _agent_text(emit, number, index) if agent_text else None
-            task = asyncio.create_task(
-                call_agent(self.providers[agent.provider], call, budget=budget, on_text=on_text)
-            )
+            task = asyncio.create_task(self._call_agent(call, budget, on_text))
             tasks[task] = index
         results: dict[int, AgentResult] = {}
         pending = set(tasks)
+        watch = StragglerWatch(
+            layer.cutoff, len(layer.agents), layer.min_ok, loop.time(), self._uncuttable(layer)
+        )
         try:
             while pending:
-                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                cut_at = watch.deadline() if watch.stragglers(tasks[t] for t in pending) else None
+                wake = min((t for t in (deadline, cut_at) if t is not None), default=None)
+                timeout = None if wake is None else max(0.0, wake - loop.time())
                 done, pending = await asyncio.wait(
                     pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -352,9 +355,16 @@ class MoA:
                     result = task.result()  # BudgetExceeded propagates and ends the run
                     results[tasks[task]] = result
                     emit(AgentFinished(result))
+                    if result.ok:
+                        watch.answered(loop.time())
+                if deadline is not None and loop.time() >= deadline:
+                    break
+                cut_at = watch.deadline()
+                if cut_at is not None and loop.time() >= cut_at:
+                    pending -= await self._cut(pending, tasks, watch, layer, number, emit, results)
                 ok = sum(r.ok for r in results.values())
-                if not done or ok + len(pending) < layer.min_ok:
-                    break  # deadline passed, or min_ok is out of reach
+                if ok + len(pending) < layer.min_ok:
+                    break  # min_ok is out of reach
         finally:
             for task in pending:
                 task.cancel()
@@ -379,6 +389,60 @@ class MoA:
         if sum(r.ok for r in ordered) < layer.min_ok:
             raise LayerFailed(number, layer.min_ok, ordered)
         return LayerResult(number, ordered, time.monotonic() - started)
+
+    async def _call_agent(
+        self, call: AgentCall, budget: RunBudget, on_text: Callable[[str], None] | None
+    ) -> AgentResult:
+        agent = call.agent
+        provider = self.providers[agent.provider]
+        if agent.hedge_after is None:
+            return await call_agent(provider, call, budget=budget, on_text=on_text)
+        backup = self.providers[agent.hedge_provider or agent.provider]
+        return await call_hedged(provider, backup, call, budget=budget, on_text=on_text)
+
+    def _uncuttable(self, layer: Layer) -> frozenset[int]:
+        """Agents on the embedded model: see moa.straggler."""
+        configs = self.pipeline.providers
+        return frozenset(
+            i
+            for i, agent in enumerate(layer.agents)
+            if agent.provider in configs and configs[agent.provider].type == "llama-cpp"
+        )
+
+    async def _cut(
+        self,
+        pending: set[asyncio.Task[AgentResult]],
+        tasks: Mapping[asyncio.Task[AgentResult], int],
+        watch: StragglerWatch,
+        layer: Layer,
+        number: int,
+        emit: Callable[[Event], None],
+        results: dict[int, AgentResult],
+    ) -> set[asyncio.Task[AgentResult]]:
+        """Cancel the stragglers among `pending`; mark them cancelled, with why. Returns them."""
+        loop = asyncio.get_running_loop()
+        cut = {t for t in pending if tasks[t] in watch.stragglers([tasks[t]])}
+        for task in cut:
+            task.cancel()
+        await asyncio.gather(*cut, return_exceptions=True)
+        reason = watch.reason(loop.time())
+        for task in sorted(cut, key=tasks.__getitem__):
+            index = tasks[task]
+            agent = layer.agents[index]
+            if not task.cancelled() and task.exception() is None:  # it answered meanwhile
+                results[index] = task.result()
+            else:
+                results[index] = AgentResult(
+                    layer=number,
+                    index=index,
+                    provider=agent.provider,
+                    model=agent.model,
+                    status="cancelled",
+                    error=reason,
+                    latency_s=loop.time() - watch.started,
+                )
+            emit(AgentFinished(results[index]))
+        return cut
 
     def as_provider(self, name: str | None = None) -> Provider:
         """This pipeline behind the provider protocol: serve it, nest it, or judge with it."""
@@ -452,6 +516,11 @@ class PipelineProvider:
         await self.moa.aclose()
 
 
+def _used_providers(pipeline: Pipeline) -> set[str]:
+    """Every provider a pipeline calls: agents' own and their hedges'."""
+    return {p for a in _agents(pipeline) for p in (a.provider, a.hedge_provider) if p}
+
+
 def _agents(pipeline: Pipeline) -> Iterable[Agent]:
     for layer in pipeline.layers:
         yield from layer.agents
@@ -483,7 +552,7 @@ def open_pipelines(
         name: resolve_pipeline(p, config.providers, defaults=defaults) for name, p in named.items()
     }
     env = env or Environment(env_file=config.env_file)
-    used = {a.provider for p in pipelines.values() for a in _agents(p)}
+    used = {name for p in pipelines.values() for name in _used_providers(p)}
     providers = build_providers(config.providers, used, env)
     return {
         name: MoA(pipeline, providers, name=name, owns_providers=False)

@@ -66,6 +66,8 @@ class AgentResult:
     attempts: int = 1
     #: References cut to fit this agent's context window, if any.
     references_trimmed: bool = False
+    #: Hedged calls: which request gave the answer when a second one was sent, else None.
+    hedge: Literal["primary", "hedge"] | None = None
 
     @property
     def ok(self) -> bool:
@@ -87,6 +89,7 @@ class AgentResult:
             "latency_s": round(self.latency_s, 4),
             "usage": self.usage.to_dict(),
             "attempts": self.attempts,
+            **({"hedge": self.hedge} if self.hedge else {}),
         }
 
 
