@@ -343,7 +343,8 @@ def _warn_failures(failed: int, first_error: str | None) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def command() -> None:
-    """Judge outputs with an LLM: pairwise win rates, MT-Bench grades.
+    """Judge outputs with an LLM (pairwise win rates, MT-Bench grades) or score short
+    answers against reference answers (match).
 
     The judge is one model (--judge PROVIDER/MODEL) or a MoA pipeline (--judge-preset,
     --judge-pipeline). Reports go to stdout as Markdown and, with --output-json, to a JSON file
@@ -354,6 +355,7 @@ def command() -> None:
       moa eval pairwise moa.jsonl baseline.json --judge openai/gpt-4.1
       moa eval pairwise a.jsonl b.jsonl --judge vllm/qwen2.5-72b -c judges.yaml
       moa eval mt-bench answers.jsonl -q question.jsonl --judge-preset together
+      moa eval match answers.jsonl other.jsonl --output-json report.json
     """
 
 
@@ -516,3 +518,4 @@ def mt_bench(
 
 # Subcommands kept in modules of their own register themselves on `command` when imported.
 from moa.cli import evaluate_flask as _evaluate_flask  # noqa: E402, F401
+from moa.cli import evaluate_match as _evaluate_match  # noqa: E402, F401
