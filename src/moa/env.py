@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from moa._secrets import _SECRETS, redact, register_secret
+from moa._secrets import _SECRETS, check_key, redact, register_secret
 from moa.errors import ConfigError
 
 __all__ = ["Environment", "RedactingFilter", "install_redaction", "redact", "register_secret"]
@@ -53,6 +53,13 @@ class Environment:
                 f"{variable} (or put it in a .env file named with --env-file)"
             )
         value = value.strip()
+        problem = check_key(value)
+        if problem is not None:
+            # Never the value: it may be the key with a paste accident in it.
+            raise ConfigError(
+                f"the environment variable {variable} (the API key of provider {provider!r}) "
+                f"cannot be a key: {problem}; set it to the key alone, on one line"
+            )
         register_secret(value)
         return value
 

@@ -21,6 +21,7 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from moa._secrets import clip
 from moa.errors import (
     ContextLengthExceeded,
     MalformedResponse,
@@ -355,14 +356,13 @@ def _error_message(error: openai.APIStatusError) -> str:
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])[:_BODY_LIMIT]
+            return clip(str(inner["message"]), _BODY_LIMIT)
         if isinstance(inner, str):
-            return inner[:_BODY_LIMIT]
+            return clip(inner, _BODY_LIMIT)
     text = _body_text(error).strip()
-    return (text[:200] + "…") if len(text) > 200 else (text or error.response.reason_phrase)
+    return clip(text, 200) if text else error.response.reason_phrase
 
 
 def _clip(text: str | None) -> str | None:
-    if text is None:
-        return None
-    return text if len(text) <= _BODY_LIMIT else text[:_BODY_LIMIT] + "…"
+    # Redacted before it is cut: a cut through a key would leave its head unrecognised.
+    return None if text is None else clip(text, _BODY_LIMIT)
