@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequenc
 from pathlib import Path
 from typing import Any
 
+from moa._text import describe_unencodable
 from moa.budget import RunBudget
 from moa.calls import AgentCall, call_agent
 from moa.config import Agent, ConfigFile, Layer, Pipeline, load_config, resolve_pipeline
@@ -64,6 +65,7 @@ def normalize_messages(prompt: Prompt) -> list[ChatMessage]:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InvalidRequest("the prompt is empty")
+        _check_encodable(prompt, "the prompt")
         return [{"role": "user", "content": prompt}]
     messages: list[ChatMessage] = []
     for number, message in enumerate(prompt, start=1):
@@ -84,10 +86,20 @@ def normalize_messages(prompt: Prompt) -> list[ChatMessage]:
             content = "".join(str(t) for t in texts)
         if not isinstance(content, str):
             raise InvalidRequest(f"message {number}: content must be a string")
+        _check_encodable(content, f"message {number}")
         messages.append({"role": role, "content": content})
     if not messages or messages[-1]["role"] != "user":
         raise InvalidRequest("the last message must be the user's")
     return messages
+
+
+def _check_encodable(text: str, where: str) -> None:
+    problem = describe_unencodable(text)
+    if problem is not None:
+        raise InvalidRequest(
+            f"{where}: the text has {problem}, which cannot be encoded as UTF-8 (a cut emoji "
+            "or bytes in another encoding): fix or remove it"
+        )
 
 
 class MoA:
@@ -351,8 +363,13 @@ class MoA:
                 done, pending = await asyncio.wait(
                     pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                for task in done:
-                    result = task.result()  # BudgetExceeded propagates and ends the run
+                # Every finished task's outcome is taken before any is raised: siblings that
+                # fail together (BudgetExceeded) must not leave an exception never retrieved.
+                outcomes = [(task, task.exception()) for task in done]
+                for task, failure in outcomes:
+                    if failure is not None:
+                        raise failure  # BudgetExceeded propagates and ends the run
+                    result = task.result()
                     results[tasks[task]] = result
                     emit(AgentFinished(result))
                     if result.ok:

@@ -39,12 +39,20 @@ wholesale and do not stitch them together.
 whatever it says."""
 
 
+#: Hashing must never fail on text that cannot be encoded (see `moa._text`): surrogates are
+#: hashed as their own code points, so distinct texts still get distinct tokens.
+_HASHED = "utf-8"
+_HASHED_ERRORS = "surrogatepass"
+
+
 def fence_token(conversation: Sequence[ChatMessage], references: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for message in conversation:
-        digest.update(f"{message['role']}\x00{message['content']}\x00".encode())
+        digest.update(
+            f"{message['role']}\x00{message['content']}\x00".encode(_HASHED, _HASHED_ERRORS)
+        )
     for reference in references:
-        digest.update(b"\x01" + reference.encode() + b"\x00")
+        digest.update(b"\x01" + reference.encode(_HASHED, _HASHED_ERRORS) + b"\x00")
     return digest.hexdigest()[:16]
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from moa._text import replace_unencodable
 from moa.engine import normalize_messages
 from moa.errors import InvalidRequest
 from moa.providers.base import ChatMessage
@@ -51,6 +52,8 @@ class Row:
     data: dict[str, Any] = field(repr=False)
     #: Where the row is, for messages: "line 4" (JSONL) or "row 4" (a JSON list).
     where: str = ""
+    #: What was changed in the row before it ran (text that could not be encoded), for its record.
+    notes: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -118,6 +121,14 @@ def _row(path: Path, where: str, index: int, item: Any) -> Row:
     def fail(problem: str) -> InputError:
         return InputError(f"{path} {where}: {problem}")
 
+    notes: tuple[str, ...] = ()
+    item, replaced = replace_unencodable(item)
+    if replaced:
+        # One row's cut emoji must not stop the batch: it runs with U+FFFD, and says so.
+        notes = (
+            f"{replaced} character(s) that cannot be encoded as UTF-8 (lone UTF-16 surrogates, "
+            "e.g. a cut emoji) were replaced by U+FFFD",
+        )
     if not isinstance(item, dict):
         raise fail(
             f"expected a JSON object with 'instruction', 'turns' or 'messages', "
@@ -165,4 +176,6 @@ def _row(path: Path, where: str, index: int, item: Any) -> Row:
         except InvalidRequest as error:
             raise fail(f"messages: {error}") from None
         history, turns = tuple(messages[:-1]), (messages[-1]["content"],)
-    return Row(id=row_id, kind=kind, history=history, turns=turns, data=item, where=where)
+    return Row(
+        id=row_id, kind=kind, history=history, turns=turns, data=item, where=where, notes=notes
+    )

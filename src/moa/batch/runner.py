@@ -110,7 +110,7 @@ def row_record(
     outcome: RowOutcome, *, generator: str, pipeline_id: str, moa: MoA
 ) -> dict[str, Any]:
     """The output line for a row: the answers first, then what produced them and the input."""
-    return {
+    record: dict[str, Any] = {
         "id": outcome.row.id,
         "ok": outcome.ok,
         "output": outcome.runs[-1].output if outcome.ok else "",
@@ -125,6 +125,9 @@ def row_record(
         "runs": [_run_details(run, moa) for run in outcome.runs],
         "row": outcome.row.data,
     }
+    if outcome.row.notes:
+        record["notes"] = list(outcome.row.notes)
+    return record
 
 
 def _run_details(run: RunResult, moa: MoA) -> dict[str, Any]:

@@ -25,16 +25,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moa._text import replace_unencodable
 from moa.batch.rows import InputError, id_key
+from moa.errors import MoAError
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory lock, documented limitation
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["OutputStore", "StoredRecord"]
+__all__ = ["OutputError", "OutputStore", "StoredRecord"]
 
 log = logging.getLogger("moa.batch")
+
+
+class OutputError(MoAError):
+    """The output could not be written once the run had started (a full disk, say): the run
+    failed (exit code 1), every row saved before is kept, and rerunning resumes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +84,23 @@ class OutputStore:
 
     @classmethod
     def open(cls, path: Path) -> OutputStore:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _compact_leftover(path)
+        """Open (or create) the output; any file-system refusal is one InputError line."""
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _compact_leftover(path)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as error:
-            raise InputError(f"{path}: cannot open the output file ({error.strerror})") from None
+            raise InputError(
+                f"{path}: cannot use it as the output file ({_reason(error)}): choose another "
+                "--output, or fix the directory"
+            ) from None
         try:
             _lock(fd, path)
             store = cls(path, fd)
             store._recover()
+        except OSError as error:
+            os.close(fd)
+            raise InputError(f"{path}: cannot read the output file ({_reason(error)})") from None
         except BaseException:
             os.close(fd)
             raise
@@ -142,6 +156,9 @@ class OutputStore:
 
     async def append(self, record: Mapping[str, Any]) -> None:
         """Write one row's record; returns once it is on disk."""
+        # Anything unencodable left in a record (an upstream answer, say) must not stop the
+        # batch: it is written as U+FFFD.
+        record, _ = replace_unencodable(record)
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         parsed = _parse_record(line)
         assert parsed is not None, "a batch record needs an id and ok"
@@ -160,7 +177,10 @@ class OutputStore:
             try:
                 await asyncio.to_thread(self._write, b"".join(line for line, _ in batch))
             except OSError as error:
-                failure = InputError(f"{self.path}: cannot write the output ({error.strerror})")
+                failure = OutputError(
+                    f"{self.path}: cannot write the output ({_reason(error)}); the rows saved "
+                    "before are kept: fix that, then rerun the same command to resume"
+                )
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(failure)
@@ -194,6 +214,16 @@ class OutputStore:
         try:
             if self._superseded:
                 self._compact()
+        except OSError as error:
+            # The file is as it was: readers take each id's authoritative record, and the next
+            # run compacts it. A failure here must not hide the run's own outcome.
+            log.warning(
+                "%s: could not drop %d superseded failure record(s) (%s); the file is intact "
+                "and the next run will drop them",
+                self.path,
+                self._superseded,
+                _reason(error),
+            )
         finally:
             os.close(self._fd)
 
@@ -203,13 +233,18 @@ class OutputStore:
         lines = _read_lines(self.path)
         keep = set(_authoritative(lines).values())
         temporary = _temporary(self.path)
-        with open(temporary, "wb") as target:
-            for index, (line, record) in enumerate(lines):
-                if record is None or index in keep:
-                    target.write(line + b"\n")
-            target.flush()
-            os.fsync(target.fileno())
-        os.replace(temporary, self.path)
+        try:
+            with open(temporary, "wb") as target:
+                for index, (line, record) in enumerate(lines):
+                    if record is None or index in keep:
+                        target.write(line + b"\n")
+                target.flush()
+                os.fsync(target.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
         _fsync_directory(self.path.parent)
         self._superseded = 0
 
@@ -241,6 +276,10 @@ def _compact_leftover(path: Path) -> None:
     """A compaction killed before its rename leaves a temporary file: the real one is intact."""
     with contextlib.suppress(FileNotFoundError):
         _temporary(path).unlink()
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
 
 
 def _lock(fd: int, path: Path) -> None:

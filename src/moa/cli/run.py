@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from moa._text import describe_unencodable
 from moa.cli.agent_text import AgentTextPrinter
 from moa.cli.display import AgentStatusView
 from moa.cli.options import environment, load_selected, pipeline_options
@@ -69,6 +70,16 @@ async def answer(
     raise RunError("the run ended without a result")  # pragma: no cover
 
 
+def read_stdin_text() -> str:
+    """All of standard input as text; bytes that are not UTF-8 are kept as surrogates, which
+    the run refuses with one line naming them (see `moa._text`), never a traceback."""
+    return sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+
+
+def _read_line() -> str:
+    return sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
+
+
 @click.command()
 @click.argument("prompt")
 @pipeline_options
@@ -94,7 +105,7 @@ def ask(
 ) -> None:
     """Answer PROMPT with a MoA pipeline (PROMPT '-' reads standard input)."""
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin_text()
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
     moa = open_moa(config_path, preset, pipeline, env_file)
@@ -144,7 +155,7 @@ def chat(
                 if interactive:
                     sys.stderr.write("you> ")
                     sys.stderr.flush()
-                line = await loop.run_in_executor(None, sys.stdin.readline)
+                line = await loop.run_in_executor(None, _read_line)
                 if not line:
                     return
                 text = line.strip()
@@ -155,6 +166,10 @@ def chat(
                 if text == "/reset":
                     history.clear()
                     click.echo("(history cleared)", err=True)
+                    continue
+                problem = describe_unencodable(text)
+                if problem is not None:
+                    click.echo(f"error: that line has {problem}; type it again", err=True)
                     continue
                 turn: list[ChatMessage] = [*history, {"role": "user", "content": text}]
                 try:
