@@ -24,8 +24,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moa.batch.rows import InputError, Row
+from moa.batch.store import OutputError
 
-__all__ = ["ExportFormat", "ExportSummary", "check_exportable", "default_export_path", "export"]
+__all__ = [
+    "ExportFormat",
+    "ExportSummary",
+    "check_export_path",
+    "check_exportable",
+    "default_export_path",
+    "export",
+]
 
 ExportFormat = Literal["alpaca_eval", "mt_bench", "flask"]
 _SUFFIX: dict[ExportFormat, str] = {
@@ -60,6 +68,22 @@ def check_exportable(rows: Sequence[Row], fmt: ExportFormat, source: Path) -> No
             )
 
 
+def check_export_path(path: Path) -> None:
+    """Refuse, before anything runs, an export that could not be written after the whole run:
+    its directory is created and a file is made and removed in it."""
+    probe = _temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as error:
+        raise InputError(
+            f"{path}: cannot write the export there ({error.strerror or error}): choose another "
+            "--export"
+        ) from None
+
+
 def export(
     fmt: ExportFormat,
     path: Path,
@@ -88,7 +112,13 @@ def export(
             json.dumps(line(row, record, label(record)), ensure_ascii=False) + "\n"
             for row, record in finished
         )
-    _write_atomically(path, text)
+    try:
+        _write_atomically(path, text)
+    except OSError as error:
+        raise OutputError(
+            f"{path}: cannot write the export ({error.strerror or error}); the answers are "
+            "kept in the output file: fix that and rerun the same command to export them"
+        ) from None
     return ExportSummary(path=path, written=len(finished), missing=len(rows) - len(finished))
 
 
@@ -135,7 +165,7 @@ def _timestamp(value: Any) -> float | None:
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.writing")
+    temporary = _temporary(path)
     try:
         with open(temporary, "w", encoding="utf-8") as file:
             file.write(text)
@@ -143,5 +173,9 @@ def _write_atomically(path: Path, text: str) -> None:
             os.fsync(file.fileno())
         os.replace(temporary, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             temporary.unlink()
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.writing")

@@ -17,7 +17,13 @@ from typing import Literal
 
 import click
 
-from moa.batch.export import ExportFormat, check_exportable, default_export_path, export
+from moa.batch.export import (
+    ExportFormat,
+    check_export_path,
+    check_exportable,
+    default_export_path,
+    export,
+)
 from moa.batch.progress import BatchStats, make_progress
 from moa.batch.rows import Row, load_rows
 from moa.batch.runner import pipeline_fingerprint, run_batch
@@ -127,6 +133,8 @@ def command(
         check_exportable(rows, fmt, input_path)
         export_path = export_path or default_export_path(output_path, fmt)
     _refuse_same_file(input_path, output_path, export_path)
+    if export_path is not None:
+        check_export_path(export_path)
 
     stats = asyncio.run(
         _run(
