@@ -221,3 +221,31 @@ def test_the_shipped_dataset_is_well_formed() -> None:
         for answer in row["answers"]:
             if not answer.isdigit():
                 assert not is_correct(row["instruction"], [answer], "contains"), row
+
+
+def test_match_draws_accuracy_per_category_with_error_bars(tmp_path: Path) -> None:
+    a = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            record(k, out, ROWS[k])
+            for k, out in zip(ROWS, ["12", "Paris", "120", "wax"], strict=True)
+        ],
+    )
+    b = write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            record(k, out, ROWS[k])
+            for k, out in zip(ROWS, ["13", "Paris", "60", "honey"], strict=True)
+        ],
+    )
+    plot = tmp_path / "accuracy.png"
+    result = run(a, b, "--plot", plot)
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:4] == b"\x89PNG" and plot.stat().st_size > 5_000
+
+
+def test_match_refuses_an_unknown_plot_format_before_reading(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["eval", "match", str(tmp_path / "missing.jsonl"), "--plot", str(tmp_path / "x.gif")]
+    )
+    assert result.exit_code == 2 and "unknown image format .gif" in result.output

@@ -10,6 +10,7 @@ from moa.cli.evaluate import command
 from moa.evaluation import write_json
 from moa.evaluation.accuracy import compare, load_references, load_scored
 from moa.evaluation.match_report import match_json, match_markdown
+from moa.evaluation.plots import check_plot_path, plot_match
 from moa.evaluation.scoring import MATCH_MODES, MatchMode
 
 __all__ = ["match"]
@@ -42,6 +43,12 @@ __all__ = ["match"]
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the report, every row's output and verdict included, as JSON here.",
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw accuracy per category with error bars here (.png, .svg or .pdf; needs the "
+    "[plot] extra).",
+)
 def match(
     answers_path: Path,
     other_path: Path | None,
@@ -50,6 +57,7 @@ def match(
     name_a: str | None,
     name_b: str | None,
     output_json: Path | None,
+    plot: Path | None,
 ) -> None:
     """Accuracy of `moa batch` output against reference answers; no judge needed.
 
@@ -59,6 +67,8 @@ def match(
     OTHER, a second output of the same rows, it also compares the two row by row: the rows
     that flipped and an exact McNemar test.
     """
+    if plot is not None:
+        check_plot_path(plot)
     references = load_references(reference_path) if reference_path is not None else None
     systems = [load_scored(answers_path, mode=mode, name=name_a, references=references)]
     if other_path is not None:
@@ -67,3 +77,5 @@ def match(
     click.echo(match_markdown(systems, paired), nl=False)
     if output_json is not None:
         write_json(output_json, match_json(systems, paired))
+    if plot is not None:
+        plot_match(systems, plot)

@@ -3,7 +3,8 @@
 - FLASK: a radar chart of the twelve skills, one polygon per answer file, as the FLASK and
   MoA papers draw them;
 - MT-Bench: mean score per category, one bar per model;
-- pairwise: the win rate (raw, and length-controlled when computed) with error bars.
+- pairwise: the win rate (raw, and length-controlled when computed) with error bars;
+- match: accuracy overall and per category, one bar per answer file, with error bars.
 
 The file's suffix picks the format (.png, .svg, .pdf). Figures are drawn off-screen.
 """
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from moa.errors import InvalidRequest, MissingExtraError
+from moa.evaluation.accuracy import ScoredSystem
 from moa.evaluation.flask import SKILLS, FlaskReport
 from moa.evaluation.length_control import LengthControlled
 from moa.evaluation.mt_bench import MTBenchReport
 from moa.evaluation.pairwise import PairwiseReport
 
-__all__ = ["check_plot_path", "plot_flask", "plot_mt_bench", "plot_pairwise"]
+__all__ = ["check_plot_path", "plot_flask", "plot_match", "plot_mt_bench", "plot_pairwise"]
 
 _FORMATS = (".png", ".svg", ".pdf")
 
@@ -144,3 +146,24 @@ def plot_pairwise(
         ylabel="win rate (%)",
         reference=50.0,
     )
+
+
+def plot_match(systems: Sequence[ScoredSystem], path: Path) -> None:
+    """Accuracy in percent, overall and per category, ± one standard error."""
+    plt = _pyplot(path)
+    groups = ["overall", *sorted({c.category for s in systems for c in s.categories})]
+    figure, axes = plt.subplots(figsize=(max(5.0, 1.0 * len(groups) * len(systems) + 2), 4.5))
+    width = 0.8 / max(1, len(systems))
+    for number, system in enumerate(systems):
+        scores = {"overall": system.overall, **{c.category: c for c in system.categories}}
+        positions = [i + number * width for i in range(len(groups))]
+        values = [100 * scores[g].accuracy if g in scores else 0.0 for g in groups]
+        errors = [100 * scores[g].standard_error if g in scores else 0.0 for g in groups]
+        axes.bar(positions, values, width=width, yerr=errors, capsize=4, label=system.name)
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    axes.set_xticklabels(groups, rotation=30, ha="right")
+    axes.set_ylim(0, 100)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title("Accuracy against reference answers", fontsize=10)
+    axes.legend(fontsize=8)
+    _save(plt, figure, path)
