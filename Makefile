@@ -11,6 +11,9 @@ PIP := $(BIN)/python -m pip
 # saves about two minutes. pip caches the built wheel, so this happens once per machine.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 PROMPT ?= In two sentences: why do several models answering together beat one?
+# The browser tests drive the system's Chromium (browsers cannot be downloaded at test time).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run test lint bench clean
 
@@ -29,7 +32,13 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/moa ask --preset local "$(PROMPT)"
 
-test: $(VENV)/.installed-dev
+# Only when missing: Debian's Chromium (and a font, for readable screenshots).
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+		chromium fonts-dejavu-core
+
+test: $(VENV)/.installed-dev $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev

@@ -20,6 +20,8 @@ __all__ = [
     "RunResult",
     "TextDelta",
     "Usage",
+    "event_from_dict",
+    "event_to_dict",
 ]
 
 #: ok: a usable answer. truncated: usable, but cut by max_tokens. empty: the model said nothing.
@@ -188,3 +190,151 @@ class Done:
 
 
 Event = AgentStarted | AgentFinished | AgentTextDelta | TextDelta | Done
+
+
+# --- the JSON form of every event -------------------------------------------------------------
+#
+# One object per event with a "type" key; every field of the dataclasses is kept (floats are not
+# rounded), so `event_from_dict(event_to_dict(e)) == e`. The server streams these forms
+# (POST /v1/moa/runs); unknown keys are ignored when reading, so a stream may add its own
+# (the server adds "t", seconds since the run started).
+
+
+def _agent_to_dict(result: AgentResult) -> dict[str, Any]:
+    return {
+        "layer": result.layer,
+        "index": result.index,
+        "provider": result.provider,
+        "model": result.model,
+        "status": result.status,
+        "ok": result.ok,
+        "output": result.output,
+        "error": result.error,
+        "latency_s": result.latency_s,
+        "usage": result.usage.to_dict(),
+        "attempts": result.attempts,
+        "references_trimmed": result.references_trimmed,
+    }
+
+
+def _agent_from_dict(data: dict[str, Any]) -> AgentResult:
+    usage = data.get("usage") or {}
+    return AgentResult(
+        layer=data["layer"],
+        index=data["index"],
+        provider=data["provider"],
+        model=data["model"],
+        status=data["status"],
+        output=data.get("output", ""),
+        error=data.get("error"),
+        latency_s=data.get("latency_s", 0.0),
+        usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
+        attempts=data.get("attempts", 1),
+        references_trimmed=data.get("references_trimmed", False),
+    )
+
+
+def _run_to_dict(result: RunResult) -> dict[str, Any]:
+    return {
+        "output": result.output,
+        "ok": result.ok,
+        "error": result.error,
+        "layers": [
+            {
+                "index": layer.index,
+                "latency_s": layer.latency_s,
+                "agents": [_agent_to_dict(a) for a in layer.agents],
+            }
+            for layer in result.layers
+        ],
+        "aggregator": _agent_to_dict(result.aggregator),
+        "aggregator_attempts": [_agent_to_dict(a) for a in result.aggregator_attempts],
+        "usage": result.usage.to_dict(),  # derived: ignored when read back
+        "latency_s": result.latency_s,
+        "ttft_s": result.ttft_s,
+    }
+
+
+def _run_from_dict(data: dict[str, Any]) -> RunResult:
+    return RunResult(
+        output=data["output"],
+        layers=tuple(
+            LayerResult(
+                layer["index"],
+                tuple(_agent_from_dict(a) for a in layer["agents"]),
+                layer["latency_s"],
+            )
+            for layer in data["layers"]
+        ),
+        aggregator=_agent_from_dict(data["aggregator"]),
+        aggregator_attempts=tuple(_agent_from_dict(a) for a in data["aggregator_attempts"]),
+        latency_s=data["latency_s"],
+        ttft_s=data.get("ttft_s"),
+        ok=data.get("ok", True),
+        error=data.get("error"),
+    )
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The JSON form of an event: a dict of JSON types with a "type" key."""
+    if isinstance(event, AgentStarted):
+        return {
+            "type": "agent_started",
+            "layer": event.layer,
+            "index": event.index,
+            "provider": event.provider,
+            "model": event.model,
+            "is_aggregator": event.is_aggregator,
+        }
+    if isinstance(event, AgentFinished):
+        return {
+            "type": "agent_finished",
+            "is_aggregator": event.is_aggregator,
+            "result": _agent_to_dict(event.result),
+        }
+    if isinstance(event, AgentTextDelta):
+        return {
+            "type": "agent_text_delta",
+            "layer": event.layer,
+            "index": event.index,
+            "text": event.text,
+        }
+    if isinstance(event, TextDelta):
+        return {"type": "text_delta", "text": event.text}
+    if isinstance(event, Done):
+        return {"type": "done", "result": _run_to_dict(event.result)}
+    raise TypeError(f"not a MoA event: {event!r}")
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """The event a JSON form describes. Raises ValueError for an unknown "type"."""
+    kind = data.get("type")
+    if kind == "agent_started":
+        return AgentStarted(
+            data["layer"],
+            data["index"],
+            data["provider"],
+            data["model"],
+            is_aggregator=data.get("is_aggregator", False),
+        )
+    if kind == "agent_finished":
+        return AgentFinished(
+            _agent_from_dict(data["result"]), is_aggregator=data.get("is_aggregator", False)
+        )
+    if kind == "agent_text_delta":
+        return AgentTextDelta(data["layer"], data["index"], data["text"])
+    if kind == "text_delta":
+        return TextDelta(data["text"])
+    if kind == "done":
+        return Done(_run_from_dict(data["result"]))
+    raise ValueError(f"unknown MoA event type {kind!r}; known: {', '.join(EVENT_TYPES)}")
+
+
+#: The "type" of each event's JSON form.
+EVENT_TYPES: dict[str, type] = {
+    "agent_started": AgentStarted,
+    "agent_finished": AgentFinished,
+    "agent_text_delta": AgentTextDelta,
+    "text_delta": TextDelta,
+    "done": Done,
+}

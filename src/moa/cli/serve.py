@@ -67,6 +67,7 @@ _MIB = 1024 * 1024
     show_default=True,
     help="Seconds runs in flight may take to finish after SIGTERM.",
 )
+@click.option("--no-ui", is_flag=True, help="Do not serve the web page at http://HOST:PORT/.")
 def command(
     config_path: Path | None,
     preset: str | None,
@@ -77,11 +78,13 @@ def command(
     max_concurrency: int,
     max_body_bytes: int,
     grace_period: float,
+    no_ui: bool,
 ) -> None:
     """Serve MoA pipelines as models of an OpenAI-compatible API at http://HOST:PORT/v1.
 
     Any OpenAI client can then use them: the request's `model` picks the pipeline. Set
-    MOA_API_KEYS (comma-separated) to require `Authorization: Bearer <key>`.
+    MOA_API_KEYS (comma-separated) to require `Authorization: Bearer <key>`. A web page at
+    http://HOST:PORT/ shows each run's agents at work (--no-ui turns it off).
     """
     from moa.server import check_exposure, serve
     from moa.server.guards import parse_api_keys
@@ -99,6 +102,8 @@ def command(
 
     def announce(url: str) -> None:
         click.echo(f"serving {', '.join(pipelines)} at {url}/v1 ({auth})")
+        if not no_ui:
+            click.echo(f"web page: {url}/")
 
     serve(
         pipelines,
@@ -110,4 +115,5 @@ def command(
         max_body_bytes=max_body_bytes,
         grace_period=grace_period,
         on_started=announce,
+        ui=not no_ui,
     )

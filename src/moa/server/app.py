@@ -4,6 +4,8 @@
     GET  /v1/models             each pipeline is a model
     GET  /v1/models/{model}
     POST /v1/chat/completions   OpenAI's request; the answer streamed (SSE) or not
+    POST /v1/moa/runs           the same request; every agent's events streamed (SSE)
+    GET  /                      the web page (unless ui=False), assets under /ui/
 
 The app owns the pipelines it is given: their providers are closed when it shuts down.
 """
@@ -26,6 +28,7 @@ from starlette.routing import Route
 from moa.engine import MoA, close_providers
 from moa.server.chat import ChatRun, with_answer_settings
 from moa.server.errors import SERVER_ERROR, ApiError, json_response
+from moa.server.events import start_run
 from moa.server.guards import (
     ApiKeys,
     ClientGone,
@@ -35,6 +38,7 @@ from moa.server.guards import (
     read_body,
 )
 from moa.server.schema import parse_chat_request
+from moa.server.ui import ui_routes
 
 __all__ = [
     "DEFAULT_HEARTBEAT_S",
@@ -85,11 +89,13 @@ def create_app(
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     close_on_shutdown: bool = True,
+    ui: bool = True,
 ) -> Starlette:
     """An ASGI app serving each pipeline as a model named by its key in `pipelines`.
 
     With `api_keys`, every /v1 route needs `Authorization: Bearer <key>`. At most
     `max_concurrency` runs go at once (more get 429); bodies over `max_body_bytes` get 413.
+    `ui` serves the web page at `/`.
     """
     if not pipelines:
         raise ValueError("create_app needs at least one pipeline")
@@ -115,6 +121,8 @@ def create_app(
             Route("/v1/models", _list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", _get_model, methods=["GET"]),
             Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
+            Route("/v1/moa/runs", start_run, methods=["POST"]),
+            *(ui_routes() if ui else []),
         ],
         middleware=[Middleware(GuardMiddleware, keys=state.keys, lifecycle=state.lifecycle)],
         exception_handlers={

@@ -154,6 +154,7 @@ def serve(
     grace_period: float = DEFAULT_GRACE_PERIOD_S,
     heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     on_started: Callable[[str], None] | None = None,
+    ui: bool = True,
 ) -> None:
     """Serve until SIGTERM / SIGINT, in the foreground. Takes ownership of the pipelines."""
     keys = tuple(api_keys)
@@ -164,6 +165,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_concurrency=max_concurrency,
         heartbeat_s=heartbeat_s,
+        ui=ui,
     )
     redact_server_logs()
     server = build_server(
