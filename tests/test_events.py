@@ -138,6 +138,15 @@ def test_a_run_streams_every_agent_event_then_done(
     assert times == sorted(times)
     text = "".join(e["text"] for e in events if e["type"] == "text_delta")
     assert text == "the final answer"
+    # Every agent's own text, proposers and aggregator alike, streams as it is written.
+    pieces: dict[tuple[int, int], str] = {}
+    for e in events:
+        if e["type"] == "agent_text_delta":
+            key = (e["layer"], e["index"])
+            pieces[key] = pieces.get(key, "") + e["text"]
+    assert pieces[(1, 1)] == "p2 answer 0"
+    assert pieces[(2, 0)] == "p1 answer 1"
+    assert pieces[(3, 0)] == "the final answer"
     # Every library event reads back into the library's types.
     library = [event_from_dict(e) for e in events[1:]]
     done = library[-1]

@@ -136,10 +136,16 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
 def test_a_run_fills_every_card_then_the_answer_and_the_conversation_stays(
     fake: FakeOpenAIServer, served: ServeProcess, open_page: Callable[..., Any]
 ) -> None:
+    draft = "Light scatters off the air, blue the most."
+    fake.script(PROPOSERS[0], Reply(text=draft, chunk_delay=0.15))
     fake.script(AGGREGATOR, Reply(text="**Rayleigh** scattering.", chunk_delay=0.02))
     page = open_page(served.url)
     assert page.locator("#model").input_value() == "moa"
     ask(page, "Why is the sky blue?")
+    # The slow proposer's card shows its words while it is still writing them.
+    streaming = page.locator(".card[data-layer='1'][data-index='0'][data-status='streaming']")
+    streaming.locator(".card-body").wait_for()
+    assert draft.startswith(streaming.locator(".card-body").inner_text())
     wait_until_finished(page)
     layers = page.locator("details.layers")
     assert layers.get_attribute("open") is None  # the agents fold away after the run
@@ -150,7 +156,8 @@ def test_a_run_fills_every_card_then_the_answer_and_the_conversation_stays(
             agent = card(page, layer, index)
             assert agent.get_attribute("data-status") == "done"
             assert agent.locator(".card-model").inner_text() == model
-            assert agent.locator(".card-body").inner_text() == f"{model} answer {layer - 1}"
+            expected = draft if (layer, index) == (1, 0) else f"{model} answer {layer - 1}"
+            assert agent.locator(".card-body").inner_text() == expected
             assert "tok" in agent.locator(".card-meta").inner_text()
     assert card(page, 3, 0).get_attribute("data-status") == "done"
     answer = page.locator(".answer")
