@@ -214,6 +214,7 @@ def _agent_to_dict(result: AgentResult) -> dict[str, Any]:
         "usage": result.usage.to_dict(),
         "attempts": result.attempts,
         "references_trimmed": result.references_trimmed,
+        "hedge": result.hedge,
     }
 
 
@@ -231,6 +232,7 @@ def _agent_from_dict(data: dict[str, Any]) -> AgentResult:
         usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
         attempts=data.get("attempts", 1),
         references_trimmed=data.get("references_trimmed", False),
+        hedge=data.get("hedge"),
     )
 
 
