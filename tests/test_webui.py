@@ -141,7 +141,14 @@ def test_a_run_fills_every_card_then_the_answer_and_the_conversation_stays(
     fake.script(AGGREGATOR, Reply(text="**Rayleigh** scattering.", chunk_delay=0.02))
     page = open_page(served.url)
     assert page.locator("#model").input_value() == "moa"
-    ask(page, "Why is the sky blue?")
+    # Shift+Enter starts a new line; Enter sends.
+    page.fill("#prompt", "Why is the sky")
+    page.press("#prompt", "Shift+Enter")
+    page.keyboard.type("blue?")
+    assert page.locator("#prompt").input_value() == "Why is the sky\nblue?"
+    assert page.locator(".turn").count() == 0
+    page.fill("#prompt", "Why is the sky blue?")
+    page.press("#prompt", "Enter")
     # The slow proposer's card shows its words while it is still writing them.
     streaming = page.locator(".card[data-layer='1'][data-index='0'][data-status='streaming']")
     streaming.locator(".card-body").wait_for()
@@ -168,6 +175,9 @@ def test_a_run_fills_every_card_then_the_answer_and_the_conversation_stays(
     assert "first token" in summary
     assert "$0.00" in summary  # prices are set in the config
     assert page.locator(".wf-row").count() == 7
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.click(".copy")
+    assert page.evaluate("navigator.clipboard.readText()") == "**Rayleigh** scattering."
     # The question went upstream as the user wrote it.
     assert fake.requests_for(PROPOSERS[0])[0].messages[-1]["content"] == "Why is the sky blue?"
 

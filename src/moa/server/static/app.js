@@ -244,13 +244,19 @@ async function run(turn, view) {
       turn.events.push({ type: "error", t: 0, message, result: null });
       return;
     }
+    let last = null;
     for await (const event of serverEvents(response.body)) {
       turn.events.push(event);
       view.apply(event);
+      last = event.type;
       if (event.type === "done") {
         turn.ok = true;
         turn.output = event.result.output;
       }
+    }
+    if (last !== "done" && last !== "error") {
+      turn.stopped = "the stream ended before the run did (was the server stopped?)";
+      view.stopped(turn.stopped);
     }
   } catch (error) {
     turn.stopped = controller.signal.aborted ? "stopped" : `the connection broke: ${error.message}`;
