@@ -7,17 +7,22 @@ against the fake server at a fixed per-call latency and prints end-to-end latenc
 to first token as ratios to that bound. Target: <= 1.05.
 
     python benchmarks/overhead.py [--latency 1.0] [--runs 10] [--proposers 6] [--layers 3]
+                                  [--tracing absent|off|on]
+
+--tracing: `absent` hides OpenTelemetry as if the [otel] extra were not installed; `off` (the
+default) has the API installed and no SDK, as a library user who does not trace; `on`
+records every span with the SDK and exports them in batches (as JSON, to nowhere).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from typing import Any
 
 from _fake_upstream import fake_upstream
-
-from moa import MoA, parse_config
 
 
 def main() -> None:
@@ -26,7 +31,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--proposers", type=int, default=6)
     parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--tracing", choices=("absent", "off", "on"), default="off")
     args = parser.parse_args()
+    provider = _tracing(args.tracing)
+
+    from moa import MoA, parse_config
 
     with fake_upstream("--latency", str(args.latency)) as base_url:
         config = parse_config(
@@ -48,10 +57,12 @@ def main() -> None:
                 assert result.ttft_s is not None
                 ttfts.append(result.ttft_s)
 
+    if provider is not None:
+        provider.shutdown()  # exports what is left: part of tracing's cost
     calls = args.proposers * (args.layers - 1) + 1
     print(
         f"{args.layers} layers, {args.proposers} proposers, {calls} calls per run, "
-        f"{args.latency:g} s per call, {args.runs} runs"
+        f"{args.latency:g} s per call, {args.runs} runs, tracing {args.tracing}"
     )
     print(f"critical-path bound: {bound:.3f} s")
     for name, values in (("end-to-end", totals), ("time to first token", ttfts)):
@@ -63,6 +74,25 @@ def main() -> None:
         )
     ratio = statistics.median(totals) / bound
     print(f"target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'} ({ratio:.3f})")
+
+
+def _tracing(mode: str) -> Any:
+    if mode == "absent":
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]
+        return None
+    if mode == "off":
+        return None
+    import os
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    provider = TracerProvider()
+    sink = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sink)))
+    trace.set_tracer_provider(provider)
+    return provider
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moa import tracing
 from moa.budget import CUT_MARKER, RunBudget, fit_references
 from moa.config import DEFAULT_HTTP_CONTEXT_WINDOW, Agent
 from moa.errors import (
@@ -226,6 +227,7 @@ async def call_agent(
             sample=call.index,
         )
         reserved = budget.reserve(prompt.tokens + agent.max_tokens)
+        tracing.note_request(request)
         received: list[str] = []
         spent = Usage()
         try:
@@ -247,6 +249,7 @@ async def call_agent(
                         "references halved: lower max_tokens or set context_window)",
                     )
                 shrunk_for_context = True
+                tracing.add_event("moa.references_shrunk", attempt=attempts)
                 reference_budget = max(prompt.reference_tokens // 2, 1)
                 continue
             decision = decide_retry(
@@ -260,6 +263,12 @@ async def call_agent(
                 if decision.reason and decision.reason != "not retryable":
                     cause = f"{cause} ({decision.reason})"
                 return result("failed", error=cause)
+            tracing.add_event(
+                "moa.retry",
+                attempt=attempts,
+                wait_s=decision.wait_s,
+                **{"error.type": type(error).__name__},
+            )
             await asyncio.sleep(decision.wait_s)
             continue
         except BaseException:
@@ -267,6 +276,7 @@ async def call_agent(
             raise
         usage = usage + spent
         budget.settle(reserved, spent.total_tokens)
+        tracing.note_response(completion)
         status = _status(completion)
         log.debug(
             "%s attempt %d: %s in %.2f s",

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequenc
 from pathlib import Path
 from typing import Any
 
+from moa import tracing
 from moa._text import describe_unencodable
 from moa.budget import RunBudget
 from moa.calls import AgentCall, call_agent
@@ -197,7 +198,14 @@ class MoA:
         """
         messages = normalize_messages(prompt)
         queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-        task = asyncio.create_task(self._run(messages, queue.put_nowait, agent_text))
+        task = asyncio.create_task(
+            tracing.traced_run(
+                self.name,
+                self.pipeline,
+                lambda emit: self._run(messages, emit, agent_text),
+                queue.put_nowait,
+            )
+        )
         task.add_done_callback(
             lambda t: queue.put_nowait(t.exception() or _FINISHED) if not t.cancelled() else None
         )
@@ -227,9 +235,10 @@ class MoA:
         references: list[str] = []
         for number, layer in enumerate(self.pipeline.layers, start=1):
             try:
-                result = await self._run_layer(
-                    number, layer, conversation, references, budget, emit, agent_text
-                )
+                with tracing.layer_span(number, layer):
+                    result = await self._run_layer(
+                        number, layer, conversation, references, budget, emit, agent_text
+                    )
             except RunError as error:
                 error.result = self._partial(layers, started, error)
                 raise
@@ -401,8 +410,11 @@ class MoA:
                 else "cancelled: the layer could no longer reach min_ok",
                 latency_s=time.monotonic() - started,
             )
+            reason = results[index].error or ""
+            tracing.add_event("moa.agent.cut_off", **{"moa.agent.index": index}, reason=reason)
             emit(AgentFinished(results[index]))
         ordered = tuple(results[i] for i in range(len(layer.agents)))
+        tracing.layer_done(ordered)
         if sum(r.ok for r in ordered) < layer.min_ok:
             raise LayerFailed(number, layer.min_ok, ordered)
         return LayerResult(number, ordered, time.monotonic() - started)
@@ -413,9 +425,11 @@ class MoA:
         agent = call.agent
         provider = self.providers[agent.provider]
         if agent.hedge_after is None:
-            return await call_agent(provider, call, budget=budget, on_text=on_text)
-        backup = self.providers[agent.hedge_provider or agent.provider]
-        return await call_hedged(provider, backup, call, budget=budget, on_text=on_text)
+            run = call_agent(provider, call, budget=budget, on_text=on_text)
+        else:
+            backup = self.providers[agent.hedge_provider or agent.provider]
+            run = call_hedged(provider, backup, call, budget=budget, on_text=on_text)
+        return await tracing.traced_call(call, self.pipeline.providers, run)
 
     def _uncuttable(self, layer: Layer) -> frozenset[int]:
         """Agents on the embedded model: see moa.straggler."""
@@ -449,6 +463,7 @@ class MoA:
             if not task.cancelled() and task.exception() is None:  # it answered meanwhile
                 results[index] = task.result()
             else:
+                tracing.add_event("moa.agent.cut_off", **{"moa.agent.index": index}, reason=reason)
                 results[index] = AgentResult(
                     layer=number,
                     index=index,

@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Literal
 
+from moa import tracing
 from moa.budget import RunBudget
 from moa.calls import AgentCall, call_agent
 from moa.providers.base import (
@@ -85,6 +86,7 @@ class HedgedProvider:
                 try:
                     side, item = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError:
+                    tracing.add_event("moa.hedge", after_s=self.after)
                     tasks["hedge"] = asyncio.create_task(
                         _pump(self.backup, request, "hedge", queue)
                     )

@@ -71,6 +71,17 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """
     ctx.meta["moa.verbose"] = verbose
     _setup_logging(verbose)
+    _setup_tracing()
+
+
+def _setup_tracing() -> None:
+    """Export spans as OTEL_* asks, when the [otel] extra is installed (see moa.telemetry)."""
+    from moa.telemetry import configure_from_env
+
+    try:
+        configure_from_env()
+    except MissingExtraError as error:  # tracing is an extra: the command still runs
+        click.echo(f"warning: {error}", err=True)
 
 
 def _register() -> None:
@@ -79,7 +90,12 @@ def _register() -> None:
     cli.add_command(run.ask)
     cli.add_command(run.chat)
     cli.add_command(run.presets)
-    for module_name, command_name in (("serve", "serve"), ("batch", "batch"), ("evaluate", "eval")):
+    for module_name, command_name in (
+        ("serve", "serve"),
+        ("batch", "batch"),
+        ("evaluate", "eval"),
+        ("mcp", "mcp"),
+    ):
         try:
             module = __import__(f"moa.cli.{module_name}", fromlist=[command_name])
         except ModuleNotFoundError as error:

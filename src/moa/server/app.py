@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from moa import tracing
 from moa.engine import MoA, close_providers
 from moa.server.chat import ChatRun, with_answer_settings
 from moa.server.errors import SERVER_ERROR, ApiError, json_response
@@ -115,16 +116,28 @@ def create_app(
         if close_on_shutdown:
             await close_providers(state.pipelines)
 
+    routes = [
+        Route("/healthz", _health, methods=["GET"]),
+        Route("/v1/models", _list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", _get_model, methods=["GET"]),
+        Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
+        Route("/v1/moa/runs", start_run, methods=["POST"]),
+        *(ui_routes() if ui else []),
+    ]
+    middleware = [
+        Middleware(
+            GuardMiddleware,
+            keys=state.keys,
+            lifecycle=state.lifecycle,
+        )
+    ]
+    if tracing.available():
+        from moa.server.tracing import TraceMiddleware
+
+        middleware.insert(0, Middleware(TraceMiddleware))
     app = Starlette(
-        routes=[
-            Route("/healthz", _health, methods=["GET"]),
-            Route("/v1/models", _list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", _get_model, methods=["GET"]),
-            Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
-            Route("/v1/moa/runs", start_run, methods=["POST"]),
-            *(ui_routes() if ui else []),
-        ],
-        middleware=[Middleware(GuardMiddleware, keys=state.keys, lifecycle=state.lifecycle)],
+        routes=routes,
+        middleware=middleware,
         exception_handlers={
             ApiError: _api_error,
             ClientGone: _client_gone,
