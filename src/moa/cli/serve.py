@@ -68,6 +68,15 @@ _MIB = 1024 * 1024
     help="Seconds runs in flight may take to finish after SIGTERM.",
 )
 @click.option("--no-ui", is_flag=True, help="Do not serve the web page at http://HOST:PORT/.")
+@click.option(
+    "--metrics",
+    is_flag=True,
+    help="Serve Prometheus metrics at /metrics (needs the [metrics] extra), behind the same API "
+    "keys as /v1.",
+)
+@click.option(
+    "--metrics-public", is_flag=True, help="With --metrics: serve /metrics without a key."
+)
 def command(
     config_path: Path | None,
     preset: str | None,
@@ -79,6 +88,8 @@ def command(
     max_body_bytes: int,
     grace_period: float,
     no_ui: bool,
+    metrics: bool,
+    metrics_public: bool,
 ) -> None:
     """Serve MoA pipelines as models of an OpenAI-compatible API at http://HOST:PORT/v1.
 
@@ -93,6 +104,10 @@ def command(
     env = environment(config, env_file)
     keys = parse_api_keys(env.get("MOA_API_KEYS"))
     check_exposure(host, keys, allow_unauthenticated)  # before any provider is built
+    if metrics_public and not metrics:
+        raise click.UsageError("--metrics-public needs --metrics")
+    if metrics:
+        from moa.server.metrics import ServerMetrics  # noqa: F401 - a missing extra fails early
     pipelines = open_pipelines(config, env=env)
     if config.pipelines is None and name != "moa":  # a preset: served under its own name
         moa = pipelines.pop("moa")
@@ -116,4 +131,6 @@ def command(
         grace_period=grace_period,
         on_started=announce,
         ui=not no_ui,
+        metrics=metrics,
+        metrics_public=metrics_public,
     )

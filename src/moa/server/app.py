@@ -6,6 +6,7 @@
     POST /v1/chat/completions   OpenAI's request; the answer streamed (SSE) or not
     POST /v1/moa/runs           the same request; every agent's events streamed (SSE)
     GET  /                      the web page (unless ui=False), assets under /ui/
+    GET  /metrics               Prometheus metrics, with metrics=True (the /v1 key unless public)
 
 The app owns the pipelines it is given: their providers are closed when it shuts down.
 """
@@ -17,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -68,6 +70,8 @@ class ServerState:
     heartbeat_s: float
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     started: int = field(default_factory=lambda: int(time.time()))
+    #: moa.server.metrics.ServerMetrics with metrics=True.
+    metrics: Any = None
 
     def pipeline(self, model: str) -> MoA:
         moa = self.pipelines.get(model)
@@ -91,12 +95,16 @@ def create_app(
     heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     close_on_shutdown: bool = True,
     ui: bool = True,
+    metrics: bool = False,
+    metrics_public: bool = False,
 ) -> Starlette:
     """An ASGI app serving each pipeline as a model named by its key in `pipelines`.
 
     With `api_keys`, every /v1 route needs `Authorization: Bearer <key>`. At most
     `max_concurrency` runs go at once (more get 429); bodies over `max_body_bytes` get 413.
     `ui` serves the web page at `/`.
+    With `metrics`, GET /metrics serves Prometheus metrics, behind the same keys unless
+    `metrics_public`.
     """
     if not pipelines:
         raise ValueError("create_app needs at least one pipeline")
@@ -129,8 +137,16 @@ def create_app(
             GuardMiddleware,
             keys=state.keys,
             lifecycle=state.lifecycle,
+            protect=() if metrics_public else ("/metrics",),
         )
     ]
+    if metrics:
+        from moa.server.metrics import MetricsMiddleware, ServerMetrics
+
+        state.metrics = ServerMetrics()
+        state.metrics.started(list(state.pipelines))
+        routes.append(Route("/metrics", state.metrics.endpoint, methods=["GET"]))
+        middleware.insert(0, Middleware(MetricsMiddleware, metrics=state.metrics))
     if tracing.available():
         from moa.server.tracing import TraceMiddleware
 
@@ -186,6 +202,9 @@ async def _chat_completions(request: Request) -> Response | ChatRun:
     body = await read_body(request.scope, request.receive, state.max_body_bytes)
     chat, messages = parse_chat_request(body)
     moa = with_answer_settings(state.pipeline(chat.model), chat)
+    if state.metrics is not None:
+        request.state.moa_pipeline = moa.name  # read by MetricsMiddleware
+        moa = state.metrics.observed(moa)
     slot = state.slots.take()
     # No await from here on: the slot is released by the run, which starts right away.
     return ChatRun(moa, messages, chat, slot, heartbeat_s=state.heartbeat_s)

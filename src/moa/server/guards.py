@@ -94,12 +94,16 @@ class Lifecycle:
 
 class GuardMiddleware:
     """Refuses a request before routing: while draining (503), or on /v1 without a valid key
-    (401). /healthz stays open so probes see the draining state."""
+    (401). /healthz stays open so probes see the draining state. `protect` names more paths
+    that need the key (/metrics, unless it is public)."""
 
-    def __init__(self, app: ASGIApp, *, keys: ApiKeys, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self, app: ASGIApp, *, keys: ApiKeys, lifecycle: Lifecycle, protect: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.keys = keys
         self.lifecycle = lifecycle
+        self.protect = protect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,7 +119,7 @@ class GuardMiddleware:
                 code="server_shutting_down",
                 headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"},
             )
-        elif self.keys and (path == "/v1" or path.startswith("/v1/")):
+        elif self.keys and (path == "/v1" or path.startswith("/v1/") or path in self.protect):
             refusal = self._check_key(scope)
         if refusal is not None:
             await refusal.response()(scope, receive, send)

@@ -155,6 +155,8 @@ def serve(
     heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     on_started: Callable[[str], None] | None = None,
     ui: bool = True,
+    metrics: bool = False,
+    metrics_public: bool = False,
 ) -> None:
     """Serve until SIGTERM / SIGINT, in the foreground. Takes ownership of the pipelines."""
     keys = tuple(api_keys)
@@ -166,6 +168,8 @@ def serve(
         max_concurrency=max_concurrency,
         heartbeat_s=heartbeat_s,
         ui=ui,
+        metrics=metrics,
+        metrics_public=metrics_public,
     )
     redact_server_logs()
     server = build_server(
