@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator
+from typing import Any
 
 try:
     from prometheus_client import (
@@ -112,12 +113,14 @@ class _ObservedMoA(MoA):
         super().__init__(moa.pipeline, moa.providers, name=moa.name, owns_providers=False)
         self._metrics = metrics
 
-    async def stream(self, prompt: Prompt) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, prompt: Prompt, *args: Any, **kwargs: Any
+    ) -> AsyncGenerator[Event, None]:
         metrics, name = self._metrics, self.name
         metrics.in_flight.labels(name).inc()
         outcome = "cancelled"
         try:
-            async with contextlib.aclosing(super().stream(prompt)) as events:
+            async with contextlib.aclosing(super().stream(prompt, *args, **kwargs)) as events:
                 async for event in events:
                     if isinstance(event, AgentFinished):
                         result = event.result
