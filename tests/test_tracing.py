@@ -170,6 +170,26 @@ def test_agents_cut_at_a_layer_deadline_are_events_and_cancelled_spans(
     assert slow.attributes is not None and slow.attributes["moa.agent.status"] == "cancelled"
 
 
+def test_stragglers_cut_off_and_hedged_requests_are_span_events(
+    fake: FakeOpenAIServer, make_moa, spans: InMemorySpanExporter
+) -> None:
+    fake.script("hung", Reply(hang=60))
+    fake.script("p1", Reply(latency=2.0, text="slow start"), Reply(text="hedge answer"))
+    moa = make_moa(
+        proposers=[{"model": "p1", "hedge_after": 0.3}, *agents("p2", "p3"), {"model": "hung"}],
+        aggregator={"model": "agg"},
+    )
+    moa.run(QUESTION)
+    named = _by_name(spans.get_finished_spans())
+    (layer,) = named["moa.layer 1"]
+    (cut,) = [e for e in layer.events if e.name == "moa.agent.cut_off"]
+    assert cut.attributes is not None and cut.attributes["moa.agent.index"] == 3
+    assert "straggler" in str(cut.attributes["reason"])
+    (p1,) = named["chat p1"]
+    assert [e.name for e in p1.events] == ["moa.hedge"]
+    assert p1.attributes is not None and p1.attributes["moa.agent.hedge_winner"] == "hedge"
+
+
 def test_without_opentelemetry_the_engine_imports_none_of_it(fake: FakeOpenAIServer) -> None:
     code = (
         "import sys\n"
