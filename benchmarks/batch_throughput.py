@@ -2,6 +2,8 @@
 
     python benchmarks/batch_throughput.py                  # 2,000 rows, 3 proposers, 2 layers
     python benchmarks/batch_throughput.py --rows 200 --layers 3
+    python benchmarks/batch_throughput.py --workers 2               # moa batch --workers 2
+    python benchmarks/batch_throughput.py --workers 2 --engine ray  # on a local Ray cluster
 
 The fake OpenAI-compatible server runs as its own process (sharing one interpreter with the
 client would measure the server's share of the GIL, not the batch), and so does the batch: the
@@ -43,6 +45,8 @@ class Measured:
     wall_s: float
     peak_rss_mb: float
     exit_code: int
+    #: CPU seconds (user + system) of the batch process and its children (worker processes).
+    cpu_s: float = 0.0
 
 
 def start_fake_server(latency: float) -> tuple[subprocess.Popen[str], str]:
@@ -83,7 +87,9 @@ def run_batch(arguments: list[str]) -> Measured:
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     # ru_maxrss is in kilobytes on Linux, bytes on macOS.
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-    return Measured(wall, usage.ru_maxrss / scale, process.returncode)
+    # On Linux wait4 reports the process and the children it reaped (its worker processes).
+    cpu = usage.ru_utime + usage.ru_stime
+    return Measured(wall, usage.ru_maxrss / scale, process.returncode, cpu)
 
 
 class SleepingProvider:
@@ -189,6 +195,8 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1, help="seconds per fake call")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--no-cache", action="store_true", help="run the batch without the cache")
+    parser.add_argument("--workers", type=int, default=1, help="moa batch --workers N")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local")
     parser.add_argument(
         "--in-process", action="store_true", help="no HTTP: the batch machinery alone"
     )
@@ -209,9 +217,15 @@ def main() -> None:
             config, source = write_inputs(directory, base_url, args)
             common = [str(source), "--config", str(config), "--concurrency", str(args.concurrency)]
             common += ["--progress-interval", "5"]
+            if args.workers > 1:
+                common += ["--workers", str(args.workers)]
+            if args.engine != "local":
+                common += ["--engine", args.engine]
             common += ["--no-cache"] if args.no_cache else ["--cache", str(directory / "c.db")]
 
+            server_cpu = process_cpu(server.pid)
             first = run_batch([*common, "--output", str(directory / "out.jsonl")])
+            server_cpu = process_cpu(server.pid) - server_cpu
             rows, calls = count_calls(directory / "out.jsonl")
             cached = None
             if not args.no_cache:
@@ -221,6 +235,13 @@ def main() -> None:
         server.wait(timeout=10)
 
     report(args, rows, calls, first, cached, "HTTP to the fake server in its own process")
+    print(f"fake server CPU {server_cpu:.2f} s: {server_cpu / calls * 1000:.2f} ms per call")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def report(
@@ -236,7 +257,8 @@ def report(
     print(
         f"{transport}: rows {args.rows} ({rows} answered), {args.proposers} proposers, "
         f"{args.layers} layers, latency {args.latency * 1000:.0f} ms, "
-        f"concurrency {args.concurrency}, cache {'off' if args.no_cache else 'on'}"
+        f"concurrency {args.concurrency}, cache {'off' if args.no_cache else 'on'}, "
+        f"workers {args.workers}, engine {args.engine}"
     )
     print(f"calls {calls}; bound = calls x latency / concurrency = {bound:.2f} s")
     print(
@@ -244,6 +266,11 @@ def report(
         f"({rows / first.wall_s:.1f} rows/s, {calls / first.wall_s:.0f} calls/s)  "
         f"peak RSS {first.peak_rss_mb:.0f} MB  exit {first.exit_code}"
     )
+    if first.cpu_s:
+        print(
+            f"batch CPU {first.cpu_s:.2f} s (workers included): "
+            f"{first.cpu_s / calls * 1000:.2f} ms per upstream call"
+        )
     if cached is not None:
         print(
             f"rerun from the cache: wall {cached.wall_s:.2f} s  peak RSS "

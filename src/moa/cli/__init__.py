@@ -56,7 +56,7 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(logging.WARNING)
     if verbose:
         logging.getLogger("moa").setLevel(logging.DEBUG)
-        for name in ("openai", "httpx", "httpx2"):
+        for name in ("aiohttp.client",):
             logging.getLogger(name).setLevel(logging.INFO)
 
 

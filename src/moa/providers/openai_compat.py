@@ -1,27 +1,31 @@
-"""Any OpenAI-compatible chat endpoint, through the official `openai` SDK.
+"""Any OpenAI-compatible chat endpoint, spoken to directly over aiohttp.
 
-One `AsyncOpenAI` client per provider, so connections are pooled and reused across calls.
-The SDK's own retries are off: the core runs the one retry loop, so attempts are counted and
-backoff is decided in one place.
+Why not the `openai` SDK: its request building, response models and httpx's connection pool
+cost 1.4-2.8 ms of client CPU per call (non-streamed / streamed), which made `moa batch` and
+`moa serve` CPU-bound on the client; aiohttp costs 0.2-0.3 ms for the same calls
+(benchmarks/http_clients.py, figures in BENCHMARKS.md). It also freed the package from the
+SDK's narrow version range. The protocol we need is small: one POST, a JSON body back or a
+stream of server-sent events (decoded by moa.providers.sse), and the error statuses.
+
+One aiohttp session (and connection pool) per provider and event loop; no HTTP-level retries:
+the core runs the one retry loop, so attempts are counted and backoff is decided in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import json
-import ssl
 import time
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
-import httpx2
-import openai
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+import aiohttp
 
 from moa._secrets import clip
+from moa._version import __version__
 from moa.errors import (
     ContextLengthExceeded,
     MalformedResponse,
@@ -33,21 +37,10 @@ from moa.errors import (
     StreamInterrupted,
 )
 from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk, estimate_tokens
+from moa.providers.sse import SSEDecoder
 from moa.results import Usage
 
 __all__ = ["OpenAICompatibleProvider", "parse_retry_after"]
-
-#: Calls in flight on one SDK client before another is opened, and the most clients a provider
-#: keeps (see OpenAICompatibleProvider._shard).
-SHARD_CALLS = 16
-MAX_SHARDS = 32
-
-
-@dataclass(slots=True)
-class _Shard:
-    client: openai.AsyncOpenAI
-    in_flight: int = 0
-
 
 _CONTEXT_SIGNS = (
     "context_length_exceeded",
@@ -59,6 +52,8 @@ _CONTEXT_SIGNS = (
     "reduce the length",
 )
 _BODY_LIMIT = 500
+#: Request fields copied from ChatRequest to the body when set.
+_FIELDS = ("temperature", "max_tokens", "top_p", "seed")
 
 
 class OpenAICompatibleProvider:
@@ -72,55 +67,41 @@ class OpenAICompatibleProvider:
     ) -> None:
         self.name = name
         self.base_url = base_url
+        self._url = base_url.rstrip("/") + "/chat/completions"
         self._context_window = context_window
-        self._api_key = api_key
-        # With no key we send no Authorization header at all (never "Bearer None"), and an
-        # explicit "" stops the SDK from picking up OPENAI_API_KEY meant for another endpoint.
-        self._extra_headers: dict[str, Any] = {} if api_key else {"Authorization": openai.omit}
-        # Nor do we forward OPENAI_ORG_ID / OPENAI_PROJECT_ID, which the SDK reads by default.
-        self._default_headers: Any = {
-            "OpenAI-Organization": openai.omit,
-            "OpenAI-Project": openai.omit,
+        # With no key we send no Authorization header at all (never "Bearer None"); nor do we
+        # send organisation or project headers taken from the environment.
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"mixture-of-agents/{__version__}",
         }
-        self._shards: list[_Shard] = []
-        self._shards_loop: asyncio.AbstractEventLoop | None = None
-        self._ssl_context: ssl.SSLContext | None = None
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._proxy = _env_proxy(self._url)
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
 
-    def _shard(self) -> _Shard:
-        """The SDK client (and connection pool) for the next call.
+    def _client(self) -> aiohttp.ClientSession:
+        """The session for this event loop.
 
         Pooled connections belong to the loop that opened them, so a caller who runs us from a
-        new loop (two `asyncio.run` calls, say) gets new clients instead of dead sockets.
-
-        The HTTP pool scans every one of its connections on each request and each release,
-        so one pool serving hundreds of calls at once spends most of the CPU there (about a
-        third of `moa serve`'s under 100 streaming clients, by py-spy). Calls therefore go to
-        the least busy of several clients, and a new one is opened only when every client
-        already has SHARD_CALLS in flight: a single `moa ask` never uses more than one.
+        new loop (two `asyncio.run` calls, say) gets a new session instead of dead sockets.
+        aiohttp's pool finds a free connection by host key, so one session serves any number
+        of calls at once without the per-request pool scan that made httpx need several.
         """
         loop = asyncio.get_running_loop()
-        if self._shards_loop is not loop:
-            self._shards, self._shards_loop = [], loop
-        shard = min(self._shards, key=lambda s: s.in_flight, default=None)
-        if shard is None or (shard.in_flight >= SHARD_CALLS and len(self._shards) < MAX_SHARDS):
-            shard = _Shard(self._new_client())
-            self._shards.append(shard)
-        return shard
-
-    def _new_client(self) -> openai.AsyncOpenAI:
-        # Building an SSL context costs tens of milliseconds of blocking work: do it once.
-        if self._ssl_context is None:
-            self._ssl_context = httpx2.create_ssl_context()
-        return openai.AsyncOpenAI(
-            api_key=self._api_key or "",
-            base_url=self.base_url,
-            max_retries=0,
-            default_headers=self._default_headers,
-            http_client=openai.DefaultAsyncHttpxClient(verify=self._ssl_context),
-            # A keyless local server (Ollama, vLLM, llama.cpp) is legitimate; the SDK's own
-            # "missing credentials" check would refuse it.
-            _enforce_credentials=bool(self._api_key),
-        )
+        if self._session is None or self._session_loop is not loop or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                # No cap here: max_concurrency / rpm / tpm are the core's (moa.providers.limits).
+                connector=aiohttp.TCPConnector(limit=0),
+                # Not trust_env: it looks the proxy up again on every request, in a thread,
+                # which doubled our CPU per call; self._proxy is looked up once instead.
+                trust_env=False,
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+            self._session_loop = loop
+        return self._session
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleProvider(name={self.name!r}, base_url={self.base_url!r})"
@@ -132,57 +113,65 @@ class OpenAICompatibleProvider:
         return self._context_window
 
     async def aclose(self) -> None:
-        shards, loop = self._shards, self._shards_loop
-        self._shards, self._shards_loop = [], None
-        if loop is asyncio.get_running_loop():
-            await asyncio.gather(*(shard.client.close() for shard in shards))
-        # Clients of a finished loop cannot be closed from this one; their sockets went with it.
+        session, loop = self._session, self._session_loop
+        self._session, self._session_loop = None, None
+        if session is not None and loop is asyncio.get_running_loop():
+            await session.close()
+        # A session of a finished loop cannot be closed from this one; its sockets went with it.
 
-    async def _post(self, client: openai.AsyncOpenAI, request: ChatRequest, *, stream: bool) -> Any:
-        """POST /chat/completions through the SDK's low-level `post`.
-
-        `chat.completions.create` first walks the whole request through the SDK's TypedDict
-        transform, which costs more CPU than the HTTP exchange itself (4.2 vs 2.6 ms a call,
-        measured against the fake server); our messages are already plain JSON, so we skip
-        it. Auth, base URL, timeouts, error classes and SSE parsing are still the SDK's.
-        """
+    def _body(self, request: ChatRequest, *, stream: bool) -> bytes:
         body: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
-        for key in ("temperature", "max_tokens", "top_p", "seed"):
+        for key in _FIELDS:
             value = getattr(request, key)
             if value is not None:
                 body[key] = value
-        options: Any = {}  # the SDK's RequestOptions TypedDict
-        if request.timeout is not None:
-            options["timeout"] = request.timeout
-        if self._extra_headers:
-            options["headers"] = self._extra_headers
-        if not stream:
-            return await client.post("/chat/completions", cast_to=bytes, body=body, options=options)
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-        return await client.post(
-            "/chat/completions",
-            cast_to=ChatCompletion,
-            body=body,
-            options=options,
-            stream=True,
-            stream_cls=openai.AsyncStream[ChatCompletionChunk],
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+    async def _post(self, request: ChatRequest, *, stream: bool) -> aiohttp.ClientResponse:
+        """Send the request; the caller reads and releases the response.
+
+        The timeout bounds connecting and each wait for data (as the SDK's did), not the whole
+        answer: a long stream that keeps sending is not cut; the core enforces the deadlines.
+        """
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=request.timeout, sock_read=request.timeout
         )
+        headers = self._headers
+        if stream:
+            headers = {**headers, "Accept": "text/event-stream"}
+        response = await self._client().post(
+            self._url,
+            data=self._body(request, stream=stream),
+            headers=headers,
+            timeout=timeout,
+            proxy=self._proxy,
+        )
+        if response.status >= 400:
+            try:
+                raw = await response.read()
+            finally:
+                response.release()
+            raise self._status_error(
+                response.status, response.reason, response.headers, raw, request.model
+            )
+        return response
 
     async def complete(self, request: ChatRequest) -> Completion:
-        shard = self._shard()
-        shard.in_flight += 1
         try:
-            response: Any = await self._post(shard.client, request, stream=False)
+            response = await self._post(request, stream=False)
+            try:
+                raw = await response.read()
+            finally:
+                response.release()
         except Exception as error:
             raise self._translate(error, request.model) from None
-        finally:
-            shard.in_flight -= 1
-        return self._parse_completion(response, request.model)
+        return self._parse_completion(raw, request.model)
 
     def _parse_completion(self, raw: bytes, model: str) -> Completion:
-        """Read a chat completion body ourselves: building the SDK's pydantic models for it
-        took a tenth of a whole MoA run's CPU, for the three fields we use."""
+        """Read a chat completion body: the three fields we use, checked."""
 
         def malformed(why: str) -> MalformedResponse:
             text = raw.decode("utf-8", "replace")
@@ -208,104 +197,129 @@ class OpenAICompatibleProvider:
         )
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
-        shard = self._shard()
-        shard.in_flight += 1
+        model = request.model
         try:
-            # aclosing: a reader that stops early must end the HTTP stream now, not at GC.
-            async with contextlib.aclosing(self._stream(shard.client, request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            shard.in_flight -= 1
-
-    async def _stream(
-        self, client: openai.AsyncOpenAI, request: ChatRequest
-    ) -> AsyncGenerator[StreamChunk, None]:
-        try:
-            stream: Any = await self._post(client, request, stream=True)
+            response = await self._post(request, stream=True)
         except Exception as error:
-            raise self._translate(error, request.model) from None
+            raise self._translate(error, model) from None
         received: list[str] = []
-        finished = False
+        finished = done = False
         try:
-            async for chunk in stream:
-                if not isinstance(chunk, ChatCompletionChunk):
-                    raise MalformedResponse(
-                        "a stream event is not a chat completion chunk",
-                        provider=self.name,
-                        model=request.model,
-                    )
-                text = ""
-                reason = None
-                if chunk.choices:
-                    choice = chunk.choices[0]
-                    text = choice.delta.content or "" if choice.delta else ""
-                    reason = choice.finish_reason
-                usage = _usage(chunk.usage)
-                if reason:
-                    finished = True
-                if text:
-                    received.append(text)
-                if text or reason or usage:
-                    yield StreamChunk(text=text, finish_reason=reason, usage=usage)
+            decoder = SSEDecoder()
+            async for piece in response.content.iter_any():
+                for event in decoder.feed(piece):
+                    if event.data == "[DONE]":
+                        done = True
+                        break
+                    chunk = self._parse_chunk(event.data, model)
+                    if chunk is None:
+                        continue
+                    if chunk.finish_reason:
+                        finished = True
+                    if chunk.text:
+                        received.append(chunk.text)
+                    yield chunk
+                if done:
+                    break
         except Exception as error:
-            translated = self._translate(error, request.model)
+            translated = self._translate(error, model)
             if received:
                 raise StreamInterrupted(
                     f"the stream broke after {len(''.join(received))} characters: {translated}",
                     partial="".join(received),
                     provider=self.name,
-                    model=request.model,
+                    model=model,
                 ) from None
             raise translated from None
         finally:
-            await stream.close()
+            # A stream read to its end gives its connection back to the pool; one the reader
+            # left early (or that broke) is closed, which also ends the request upstream.
+            if done:
+                response.release()
+            else:
+                response.close()
         if not finished:
             message = "the stream ended without a finish_reason"
             if received:
                 raise StreamInterrupted(
-                    message, partial="".join(received), provider=self.name, model=request.model
+                    message, partial="".join(received), provider=self.name, model=model
                 )
-            raise MalformedResponse(message, provider=self.name, model=request.model)
+            raise MalformedResponse(message, provider=self.name, model=model)
 
-    def _translate(self, error: Exception, model: str) -> ProviderError:
-        """Map SDK and transport exceptions onto our tree, keeping no reference to the client."""
+    def _parse_chunk(self, data: str, model: str) -> StreamChunk | None:
+        """One `chat.completion.chunk` event; None when it carries nothing we use."""
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise MalformedResponse(
+                "unreadable stream event: not JSON",
+                provider=self.name,
+                model=model,
+                body=_clip(data),
+            ) from None
+        if not isinstance(chunk, dict):
+            raise MalformedResponse(
+                "a stream event is not a chat completion chunk", provider=self.name, model=model
+            )
+        if "error" in chunk:  # some servers report a failure mid-stream this way
+            raise MalformedResponse(
+                f"the stream carried an error: {_message_of(chunk, data)}",
+                provider=self.name,
+                model=model,
+                body=_clip(data),
+            )
+        text = ""
+        reason = None
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            delta = choices[0].get("delta")
+            content = delta.get("content") if isinstance(delta, dict) else None
+            text = content if isinstance(content, str) else ""
+            finish = choices[0].get("finish_reason")
+            reason = finish if isinstance(finish, str) and finish else None
+        elif choices is not None and not isinstance(choices, list):
+            raise MalformedResponse(
+                "a stream event is not a chat completion chunk", provider=self.name, model=model
+            )
+        raw_usage = chunk.get("usage")
+        usage = _usage_from_dict(raw_usage) if isinstance(raw_usage, dict) else None
+        if text or reason or usage:
+            return StreamChunk(text=text, finish_reason=reason, usage=usage)
+        return None
+
+    def _status_error(
+        self, status: int, reason: str | None, headers: Mapping[str, str], raw: bytes, model: str
+    ) -> ProviderStatusError:
+        where: dict[str, Any] = {"provider": self.name, "model": model}
+        text = raw.decode("utf-8", "replace")
+        body = _clip(text)
+        message = f"HTTP {status}: {_error_message(text, reason)}"
+        if status == 429:
+            return RateLimited(message, retry_after=parse_retry_after(headers), body=body, **where)
+        if status in (400, 413, 422) and any(s in (body or "").lower() for s in _CONTEXT_SIGNS):
+            return ContextLengthExceeded(message, status_code=status, body=body, **where)
+        retry_after = parse_retry_after(headers)
+        if status == 503 and retry_after is not None:
+            return RateLimited(
+                message, retry_after=retry_after, body=body, status_code=503, **where
+            )
+        return ProviderStatusError(message, status_code=status, body=body, **where)
+
+    def _translate(self, error: BaseException, model: str) -> ProviderError:
+        """Map transport exceptions onto our tree, keeping no reference to the client."""
         where: dict[str, Any] = {"provider": self.name, "model": model}
         if isinstance(error, ProviderError):
             return error
-        if isinstance(error, openai.APITimeoutError):
+        if isinstance(error, TimeoutError):  # aiohttp's connect and read timeouts included
             return ProviderTimeout("the request timed out", **where)
-        if isinstance(error, openai.APIConnectionError):
-            cause = error.__cause__ or error
+        if isinstance(error, aiohttp.ClientPayloadError):  # a body cut short
             return ProviderConnectionError(
-                f"connection failed: {type(cause).__name__}: {cause}", **where
+                f"connection failed: the response body was cut short ({error})", **where
             )
-        if isinstance(error, openai.APIResponseValidationError):
-            return MalformedResponse(f"invalid response: {error.message}", **where)
-        if isinstance(error, openai.APIStatusError):
-            status = error.response.status_code
-            body = _clip(_body_text(error))
-            message = f"HTTP {status}: {_error_message(error)}"
-            if status == 429:
-                return RateLimited(
-                    message,
-                    retry_after=parse_retry_after(error.response.headers),
-                    body=body,
-                    **where,
-                )
-            if status in (400, 413, 422) and any(s in (body or "").lower() for s in _CONTEXT_SIGNS):
-                return ContextLengthExceeded(message, status_code=status, body=body, **where)
-            retry_after = parse_retry_after(error.response.headers)
-            if status == 503 and retry_after is not None:
-                return RateLimited(
-                    message, retry_after=retry_after, body=body, status_code=503, **where
-                )
-            return ProviderStatusError(message, status_code=status, body=body, **where)
-        if isinstance(error, json.JSONDecodeError):
-            return MalformedResponse(f"unreadable response: {error}", **where)
-        if isinstance(error, httpx2.HTTPError | OSError):
-            # Transport errors raised while iterating a stream bypass the SDK's wrapping.
-            return ProviderConnectionError(f"{type(error).__name__}: {error}", **where)
+        if isinstance(error, aiohttp.ClientError | OSError):
+            return ProviderConnectionError(
+                f"connection failed: {type(error).__name__}: {error}", **where
+            )
         raise error  # a bug, not an upstream failure: never retried or hidden
 
 
@@ -331,10 +345,12 @@ def parse_retry_after(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _usage(usage: Any) -> Usage | None:
-    if usage is None:
+def _env_proxy(url: str) -> str | None:
+    """The proxy that HTTP(S)_PROXY / NO_PROXY name for `url`, as the SDK honoured them."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
-    return Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def _usage_from_dict(usage: dict[str, Any]) -> Usage | None:
@@ -344,23 +360,22 @@ def _usage_from_dict(usage: dict[str, Any]) -> Usage | None:
         return None
 
 
-def _body_text(error: openai.APIStatusError) -> str:
+def _message_of(data: Any, text: str) -> str:
+    """The `error.message` of an OpenAI-style error object, else a clip of the text."""
+    inner = data.get("error", data) if isinstance(data, dict) else None
+    if isinstance(inner, dict) and inner.get("message"):
+        return clip(str(inner["message"]), _BODY_LIMIT)
+    if isinstance(inner, str) and inner:
+        return clip(inner, _BODY_LIMIT)
+    return clip(text.strip(), 200)
+
+
+def _error_message(text: str, reason: str | None) -> str:
     try:
-        return error.response.text
-    except Exception:  # a streamed response whose body was never read
-        return str(error.body or "")
-
-
-def _error_message(error: openai.APIStatusError) -> str:
-    body = error.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return clip(str(inner["message"]), _BODY_LIMIT)
-        if isinstance(inner, str):
-            return clip(inner, _BODY_LIMIT)
-    text = _body_text(error).strip()
-    return clip(text, 200) if text else error.response.reason_phrase
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    return _message_of(data, text) or (reason or "")
 
 
 def _clip(text: str | None) -> str | None:
