@@ -18,6 +18,7 @@ from typing import Any, Literal
 from moa import tracing
 from moa.budget import CUT_MARKER, RunBudget, fit_references
 from moa.config import DEFAULT_HTTP_CONTEXT_WINDOW, Agent
+from moa.continuation import Continuation, continue_messages
 from moa.errors import (
     ContextLengthExceeded,
     ProviderError,
@@ -51,6 +52,9 @@ class AgentCall:
     layer: int
     index: int
     references_in: Literal["system", "user"] = "system"
+    #: Staircase streaming: the answer so far, to be continued (None: a normal call).
+    prefix: str | None = None
+    continuation: Continuation = "native"
 
 
 @dataclass(slots=True)
@@ -66,13 +70,16 @@ async def _prepare(provider: Provider, call: AgentCall, reference_budget: int | 
     agent = call.agent
 
     def build(references: Sequence[str]) -> list[ChatMessage]:
-        return build_messages(
+        messages = build_messages(
             call.conversation,
             references,
             system=agent.system,
             references_in=call.references_in,
             token=token,
         )
+        if call.prefix is None:
+            return messages
+        return continue_messages(messages, call.prefix, call.continuation)
 
     async def count(messages: Sequence[ChatMessage]) -> int:
         return await provider.count_tokens(agent.model, messages)
@@ -225,6 +232,7 @@ async def call_agent(
             seed=agent.seed,
             timeout=agent.timeout,
             sample=call.index,
+            continue_final=call.prefix is not None and call.continuation == "native",
         )
         reserved = budget.reserve(prompt.tokens + agent.max_tokens)
         tracing.note_request(request)

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moa._secrets import looks_like_key, register_secret
+from moa.continuation import StepSchedule
 from moa.errors import ConfigError
 from moa.straggler import DEFAULT_CUTOFF, Cutoff
 
@@ -96,6 +97,10 @@ class ProviderConfig(_Strict):
     tpm: float | None = Field(default=None, ge=1, le=1e12, allow_inf_nan=False)
     #: Prices per model name ("*" matches any model of this provider).
     prices: dict[str, Price] = Field(default_factory=dict)
+    #: How this server lets a model continue a partial answer (staircase streaming): vLLM's
+    #: continue_final_message, a trailing assistant message taken as the reply's start
+    #: (prefill), or none (the default: a prompt asks the model to go on; moa.continuation).
+    continuation: Literal["continue_final_message", "prefill", "none"] | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -130,6 +135,10 @@ class ProviderConfig(_Strict):
             raise ValueError("an OpenAI-compatible provider needs base_url")
         if self.type == "llama-cpp" and (self.base_url or self.api_key_env):
             raise ValueError("a llama-cpp provider takes model_path, not base_url or api_key_env")
+        if self.type == "llama-cpp" and self.continuation is not None:
+            raise ValueError(
+                "continuation: the embedded model always continues natively; remove it"
+            )
         return self
 
 
@@ -226,6 +235,12 @@ class AgentConfig(CallSettings):
 class AggregatorConfig(AgentConfig):
     #: Tried in order when the aggregator fails before its answer begins to stream.
     fallbacks: list[AgentConfig] = Field(default_factory=list, max_length=16)
+    #: wait: the aggregator starts once the proposers are done. staircase: it writes in steps
+    #: while the last proposer layer streams (moa.staircase), with these step token limits.
+    mode: Literal["wait", "staircase"] = "wait"
+    step_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+    step_growth: float | None = Field(default=None, ge=1, le=16, allow_inf_nan=False)
+    max_step_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
 
 
 class StragglerSettings(_Strict):
@@ -381,6 +396,8 @@ class Pipeline:
     references_in: Literal["system", "user"] = "system"
     max_total_tokens: int | None = None
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
+    #: Staircase streaming's step schedule; None: the aggregator waits for the proposers.
+    staircase: StepSchedule | None = None
 
     @property
     def total_layers(self) -> int:
@@ -505,6 +522,14 @@ def resolve_pipeline(
         for i, a in enumerate(pipeline.aggregator.fallbacks)
     )
     max_total = pipeline.max_total_tokens or getattr(defaults, "max_total_tokens", None)
+    staircase = None
+    if pipeline.aggregator.mode == "staircase":
+        steps, default = pipeline.aggregator, StepSchedule()
+        staircase = StepSchedule(
+            first=steps.step_tokens or default.first,
+            growth=steps.step_growth or default.growth,
+            largest=steps.max_step_tokens or default.largest,
+        )
     return Pipeline(
         layers=tuple(layers),
         aggregator=aggregator,
@@ -512,6 +537,7 @@ def resolve_pipeline(
         references_in=pipeline.references_in,
         max_total_tokens=max_total,
         providers=dict(providers),
+        staircase=staircase,
     )
 
 

@@ -44,6 +44,7 @@ from moa.results import (
     RunResult,
     TextDelta,
 )
+from moa.staircase import run_staircase
 from moa.straggler import StragglerWatch
 
 __all__ = [
@@ -233,7 +234,10 @@ class MoA:
         budget = RunBudget(self.pipeline.max_total_tokens)
         layers: list[LayerResult] = []
         references: list[str] = []
-        for number, layer in enumerate(self.pipeline.layers, start=1):
+        # Staircase streaming runs the last proposer layer together with the aggregator.
+        staircase = self.pipeline.staircase is not None and bool(self.pipeline.layers)
+        waited = self.pipeline.layers[:-1] if staircase else self.pipeline.layers
+        for number, layer in enumerate(waited, start=1):
             try:
                 with tracing.layer_span(number, layer):
                     result = await self._run_layer(
@@ -244,6 +248,10 @@ class MoA:
                 raise
             layers.append(result)
             references = result.answers
+        if staircase:
+            return await run_staircase(
+                self, conversation, references, budget, emit, agent_text, started, layers
+            )
 
         ttft: float | None = None
         attempts: list[AgentResult] = []

@@ -52,7 +52,11 @@ def build_providers(
             key = env.api_key(config.api_key_env, name) if config.api_key_env else None
             assert config.base_url is not None  # checked by ProviderConfig
             providers[name] = OpenAICompatibleProvider(
-                name, base_url=config.base_url, api_key=key, context_window=config.context_window
+                name,
+                base_url=config.base_url,
+                api_key=key,
+                context_window=config.context_window,
+                continuation=config.continuation,
             )
         if config.max_concurrency is not None or config.rpm or config.tpm:
             # One limiter per provider, shared by every pipeline, row and agent that uses it.

@@ -41,6 +41,9 @@ class ChatRequest:
     #: Which of several identical agents (Self-MoA: one model sampled n times) this call is;
     #: not sent upstream, but part of a cache key so the n samples stay distinct.
     sample: int = 0
+    #: The last message is a partial assistant answer to extend (staircase streaming), not a
+    #: finished turn. Only sent to providers that can continue natively: see moa.continuation.
+    continue_final: bool = False
 
 
 @dataclass(frozen=True, slots=True)

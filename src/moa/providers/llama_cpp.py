@@ -52,6 +52,72 @@ class _Cancelled(Exception):
     pass
 
 
+class _Continuing:
+    """The model, with `create_chat_completion` extending the final assistant message instead
+    of answering after it (staircase streaming, moa.continuation).
+
+    The chat template is rendered up to the assistant's turn, the partial answer appended, and
+    the text completed from there. llama.cpp keeps the last prompt's evaluated tokens and
+    reuses the longest common prefix, so a step whose prompt starts like the previous step's
+    pays only for the tokens after it (the answer so far sits at the end of the prompt).
+    """
+
+    #: Chat-completion keywords a plain completion does not take.
+    _CHAT_ONLY = frozenset({"logprobs", "top_logprobs", "response_format", "tools", "tool_choice"})
+
+    def __init__(self, llama: Any) -> None:
+        self._llama = llama
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llama, name)
+
+    def create_chat_completion(
+        self, *, messages: list[ChatMessage], stop: Any = None, **settings: Any
+    ) -> Any:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llama = self._llama
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ProviderError(
+                "this GGUF file has no chat template, so a partial answer cannot be continued; "
+                "use aggregator mode: wait"
+            )
+
+        def piece(token: int) -> str:
+            return "" if token < 0 else llama.detokenize([token], special=True).decode()
+
+        eos = piece(llama.token_eos())
+        *head, partial = messages
+        rendered = Jinja2ChatFormatter(
+            template=template, eos_token=eos, bos_token=piece(llama.token_bos())
+        )(messages=head)  # type: ignore[arg-type]  # our ChatMessage is their message type
+        prompt = llama.tokenize(
+            (rendered.prompt + partial["content"]).encode(),
+            add_bos=not rendered.added_special,
+            special=True,
+        )
+        stops = [eos] if eos else []
+        stops += [stop] if isinstance(stop, str) else list(stop or [])
+        kwargs = {k: v for k, v in settings.items() if k not in self._CHAT_ONLY}
+        completion = llama.create_completion(prompt=prompt, stop=stops, **kwargs)
+        try:
+            for chunk in completion:
+                choice = chunk["choices"][0]
+                text = choice.get("text") or ""
+                yield {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"content": text} if text else {},
+                            "finish_reason": choice.get("finish_reason"),
+                        }
+                    ]
+                }
+        finally:
+            completion.close()
+
+
 class LlamaCppProvider:
     def __init__(
         self,
@@ -140,6 +206,8 @@ class LlamaCppProvider:
                 return
             try:
                 llama = self._load()
+                if request.continue_final:  # staircase streaming: extend the partial answer
+                    llama = _Continuing(llama)
                 post("prompt", self._count(request.messages))
                 chunks = llama.create_chat_completion(
                     messages=list(request.messages),

@@ -64,8 +64,11 @@ class OpenAICompatibleProvider:
         base_url: str,
         api_key: str | None = None,
         context_window: int | None = None,
+        continuation: str | None = None,
     ) -> None:
         self.name = name
+        #: How the server continues a partial answer (ProviderConfig.continuation).
+        self._continuation = continuation
         self.base_url = base_url
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._context_window = context_window
@@ -125,6 +128,10 @@ class OpenAICompatibleProvider:
             value = getattr(request, key)
             if value is not None:
                 body[key] = value
+        if request.continue_final and self._continuation == "continue_final_message":
+            # vLLM: extend the trailing assistant message instead of opening a new turn.
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

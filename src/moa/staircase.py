@@ -1,0 +1,329 @@
+"""Staircase streaming (after arXiv 2510.05059): the aggregator writes while proposers stream.
+
+    proposers   ──chunk──chunk──chunk──chunk──chunk──── done
+                      │        │           │             │
+    aggregator        step 1 ─ step 2 ──── step 3 ────── last step ──► answer
+
+The last proposer layer streams; the aggregator starts as soon as every proposer still running
+has sent its first text, and writes the answer in steps of a growing token limit
+(`StepSchedule`). Each step is shown all the proposer text received so far, as references, and
+continues the answer so far (moa.continuation: natively where the backend can, else with the
+fallback prompt). A step that ends inside a word gives that word back to the next step, so no
+word is cut or repeated at a boundary. Once every proposer is done, the last step writes the
+rest; an aggregator that finishes before then ends the run, and the proposers still writing
+are cancelled.
+
+Earlier proposer layers run as usual (with the straggler cut-off); only the last one streams
+into the aggregator. In this mode the proposer layer's `min_ok` only asks that some proposer
+text exists when the aggregator starts: the answer is already going out when more arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from moa.budget import RunBudget
+from moa.calls import AgentCall
+from moa.config import Layer, ProviderConfig
+from moa.continuation import Continuation, WordGate, join_continuation
+from moa.errors import AggregatorFailed, LayerFailed, RunError
+from moa.providers.base import ChatMessage
+from moa.results import (
+    AgentFinished,
+    AgentResult,
+    AgentStarted,
+    AgentTextDelta,
+    Done,
+    Event,
+    LayerResult,
+    RunResult,
+    TextDelta,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from moa.engine import MoA
+
+__all__ = ["continuation_for", "run_staircase"]
+
+
+def continuation_for(config: ProviderConfig | None) -> Continuation:
+    """How a provider's model can continue a partial answer (README: "Staircase streaming")."""
+    if config is None:
+        return "fallback"
+    if config.type == "llama-cpp" or config.continuation in ("continue_final_message", "prefill"):
+        return "native"
+    return "fallback"
+
+
+class _Proposers:
+    """The streaming proposer layer: its tasks, the text each has sent, and their results."""
+
+    def __init__(
+        self,
+        moa: MoA,
+        number: int,
+        layer: Layer,
+        conversation: Sequence[ChatMessage],
+        references: Sequence[str],
+        budget: RunBudget,
+        emit: Callable[[Event], None],
+        agent_text: bool,
+    ) -> None:
+        self.number = number
+        self.layer = layer
+        self.emit = emit
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
+        self.texts: list[list[str]] = [[] for _ in layer.agents]
+        self.first: dict[int, float] = {}
+        self.results: dict[int, AgentResult] = {}
+        self.changed = asyncio.Event()
+        self.tasks: dict[int, asyncio.Task[AgentResult]] = {}
+        for index, agent in enumerate(layer.agents):
+            call = moa._call(agent, conversation, references, number, index)
+            emit(AgentStarted(number, index, agent.provider, agent.model))
+            task = asyncio.create_task(moa._call_agent(call, budget, self._collect(index)))
+            task.add_done_callback(lambda _task: self.changed.set())
+            self.tasks[index] = task
+        self._agent_text = agent_text
+        self._uncuttable = moa._uncuttable(layer)
+
+    def _collect(self, index: int) -> Callable[[str], None]:
+        def on_text(text: str) -> None:
+            self.first.setdefault(index, self.loop.time())
+            self.texts[index].append(text)
+            self.changed.set()
+            if self._agent_text:
+                self.emit(AgentTextDelta(self.number, index, text))
+
+        return on_text
+
+    def settle(self) -> None:
+        """Record (and announce) the proposers that have finished."""
+        for index, task in self.tasks.items():
+            if index not in self.results and task.done() and not task.cancelled():
+                self.results[index] = task.result()  # BudgetExceeded ends the run
+                self.emit(AgentFinished(self.results[index]))
+
+    def running(self) -> list[int]:
+        return [i for i, task in self.tasks.items() if not task.done()]
+
+    def references(self) -> list[str]:
+        """Every proposer's text so far: whole answers, and the partial text of those still
+        writing. A proposer that failed is left out from then on, even if earlier steps saw
+        part of its text."""
+        texts = []
+        for index in range(len(self.tasks)):
+            result = self.results.get(index)
+            if result is not None:
+                if result.ok:
+                    texts.append(result.output)
+            elif self.texts[index]:
+                texts.append("".join(self.texts[index]))
+        return texts
+
+    async def first_chunks(self) -> None:
+        """Wait until every proposer still running has sent text. With the straggler cut-off
+        on, the slow starters are cut as in any layer, measured on their first text."""
+        layer = self.layer
+        deadline = None if layer.timeout is None else self.started + layer.timeout
+        enough = max(layer.min_ok, (len(self.tasks) + 1) // 2)
+        while True:
+            self.settle()
+            waiting = [i for i in self.running() if i not in self.first]
+            if not waiting:
+                return
+            if self.first and all(i in self._uncuttable for i in waiting):
+                # The embedded model runs one call at a time: those still waiting for their
+                # first token are waiting their turn, so start with the text there is.
+                return
+            cut_at = deadline
+            if layer.cutoff is not None and len(self.first) >= enough:
+                median = statistics.median(t - self.started for t in self.first.values())
+                straggle = self.started + layer.cutoff.after(median)
+                cut_at = straggle if cut_at is None else min(cut_at, straggle)
+            if cut_at is not None and self.loop.time() >= cut_at:
+                await self.cancel(waiting, self._why(deadline))
+                return
+            self.changed.clear()
+            timeout = None if cut_at is None else cut_at - self.loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout)
+
+    def _why(self, deadline: float | None) -> str:
+        if deadline is not None and self.loop.time() >= deadline:
+            return f"cancelled at the layer deadline ({self.layer.timeout:g} s)"
+        return (
+            f"cut off as a straggler: no text after {self.loop.time() - self.started:.1f} s "
+            "while the others were streaming (set wait: all to wait for every agent)"
+        )
+
+    async def cancel(self, indices: Sequence[int], why: str) -> None:
+        """Stop these proposers and record each as cancelled (unless it finished meanwhile)."""
+        tasks = [self.tasks[i] for i in indices]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for index in indices:
+            if index in self.results:
+                continue
+            task = self.tasks[index]
+            if not task.cancelled() and task.exception() is None:
+                self.results[index] = task.result()
+            else:
+                agent = self.layer.agents[index]
+                self.results[index] = AgentResult(
+                    layer=self.number,
+                    index=index,
+                    provider=agent.provider,
+                    model=agent.model,
+                    status="cancelled",
+                    error=why,
+                    latency_s=self.loop.time() - self.started,
+                )
+            self.emit(AgentFinished(self.results[index]))
+
+    def deadline_passed(self) -> bool:
+        timeout = self.layer.timeout
+        return timeout is not None and self.loop.time() >= self.started + timeout
+
+    def result(self) -> LayerResult:
+        ordered = tuple(self.results[i] for i in range(len(self.tasks)))
+        return LayerResult(self.number, ordered, self.loop.time() - self.started)
+
+
+async def run_staircase(
+    moa: MoA,
+    conversation: Sequence[ChatMessage],
+    references: Sequence[str],
+    budget: RunBudget,
+    emit: Callable[[Event], None],
+    agent_text: bool,
+    started: float,
+    layers: list[LayerResult],
+) -> None:
+    """The last proposer layer and the aggregator, as a staircase. Emits everything down to
+    Done, or raises a RunError whose `.result` holds what was done."""
+    pipeline = moa.pipeline
+    assert pipeline.staircase is not None and pipeline.layers
+    number = len(pipeline.layers)
+    aggregator = pipeline.aggregator
+    how = continuation_for(pipeline.providers.get(aggregator.provider))
+    proposers = _Proposers(
+        moa, number, pipeline.layers[-1], conversation, references, budget, emit, agent_text
+    )
+    ttft: float | None = None
+    steps: list[AgentResult] = []
+    answer = ""
+
+    def out(text: str) -> None:
+        nonlocal ttft
+        if ttft is None:
+            ttft = time.monotonic() - started
+        if agent_text:
+            emit(AgentTextDelta(number + 1, 0, text))
+        emit(TextDelta(text))
+
+    def finish(status: str, error: str | None = None) -> AgentResult:
+        usage = sum((s.usage for s in steps), Usage())
+        return AgentResult(
+            layer=number + 1,
+            index=0,
+            provider=aggregator.provider,
+            model=aggregator.model,
+            status=status,  # type: ignore[arg-type]
+            output=answer,
+            error=error,
+            latency_s=time.monotonic() - aggregator_started,
+            usage=usage,
+            attempts=sum(s.attempts for s in steps),
+            references_trimmed=any(s.references_trimmed for s in steps),
+        )
+
+    aggregator_started = time.monotonic()
+    try:
+        try:
+            await proposers.first_chunks()
+            if not proposers.references():
+                await proposers.cancel(proposers.running(), "no proposer text to aggregate")
+                raise LayerFailed(number, proposers.layer.min_ok, proposers.result().agents)
+            emit(
+                AgentStarted(
+                    number + 1, 0, aggregator.provider, aggregator.model, is_aggregator=True
+                )
+            )
+            aggregator_started = time.monotonic()
+            sizes = pipeline.staircase.sizes()
+            produced = 0
+            while True:
+                proposers.settle()
+                if proposers.deadline_passed():
+                    await proposers.cancel(proposers.running(), proposers._why(0.0))
+                last = not proposers.running()
+                left = aggregator.max_tokens - produced
+                size = left if last else min(next(sizes), left)
+                call = AgentCall(
+                    agent=dataclasses.replace(aggregator, max_tokens=size),
+                    conversation=conversation,
+                    references=proposers.references(),
+                    layer=number + 1,
+                    index=0,
+                    references_in=pipeline.references_in,
+                    prefix=answer if steps else None,
+                    continuation=how,
+                )
+                live = how == "native" or not steps
+                gate = WordGate(out, live=live)
+                outcome = await moa._call_agent(call, budget, gate.feed if live else None)
+                steps.append(outcome)
+                produced += outcome.usage.completion_tokens or max(1, len(outcome.output) // 4)
+                if outcome.status == "failed":
+                    answer += gate.flush() if live else ""
+                    raise AggregatorFailed([finish("failed", outcome.error)])
+                if not live:
+                    gate.feed(join_continuation(answer, outcome.output))
+                done = (
+                    last or outcome.status in ("ok", "empty") or produced >= aggregator.max_tokens
+                )
+                if done:
+                    answer += gate.flush()
+                    status = "truncated" if outcome.status == "truncated" else "ok"
+                    break
+                answer += gate.commit()
+            if not answer.strip():
+                raise AggregatorFailed([finish("empty", "empty answer")])
+            await proposers.cancel(proposers.running(), "cancelled: the answer was complete")
+            proposers.settle()
+        finally:
+            unsettled = [i for i in proposers.tasks if i not in proposers.results]
+            await proposers.cancel(unsettled, "cancelled: the run ended")
+    except RunError as error:
+        if isinstance(error, LayerFailed):
+            error.result = moa._partial(layers, started, error)
+        else:
+            attempts = error.results if isinstance(error, AggregatorFailed) else ()
+            error.result = moa._partial(
+                [*layers, proposers.result()], started, error, attempts, ttft
+            )
+        raise
+    result = finish(status)
+    emit(AgentFinished(result, is_aggregator=True))
+    emit(
+        Done(
+            RunResult(
+                output=answer,
+                layers=(*layers, proposers.result()),
+                aggregator=result,
+                aggregator_attempts=(result,),
+                latency_s=time.monotonic() - started,
+                ttft_s=ttft,
+            )
+        )
+    )
