@@ -1,0 +1,212 @@
+"""Time to first token and end-to-end time under each latency knob, against wait-all.
+
+A fake upstream (its own process) streams every answer at a set token rate (40 tokens/s,
+300-token answers) after a heavy-tailed start latency (log-normal, median 0.4 s, σ = 1, so
+p95 ≈ 2 s); each aggregator request starts after 0.3 s. Two cases: `tail` (4 proposers) and
+`straggler` (the same, plus a fifth proposer that never answers; its timeout is 20 s). For
+each case the same questions run under each mode, with the same start latencies drawn for
+the same (question, agent, request number):
+
+    wait-all    wait: all, aggregator mode wait (how MoA ran before these knobs)
+    cut-off     the straggler cut-off (the default)
+    hedge       wait: all, hedge_after: 1.0 s on the proposers
+    staircase   wait: all, aggregator mode staircase (the fake server continues "prefill")
+    all         cut-off + hedge + staircase
+
+It prints p50/p95 of time to first token and of end-to-end time, each as a ratio to
+wait-all measured in the same run.
+
+    python benchmarks/ttft.py [--runs 8] [--cases tail,straggler] [--modes ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import math
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from moa import MoA, parse_config
+
+TOKENS_PER_S = 40
+ANSWER_TOKENS = 300
+CHARS_PER_TOKEN = 4
+#: The fake server sends 4 tokens per event, 10 events a second.
+CHUNK_CHARS = 4 * CHARS_PER_TOKEN
+CHUNK_DELAY = 4 / TOKENS_PER_S
+AGGREGATOR_START_S = 0.3
+HEDGE_AFTER_S = 1.0
+MODES = ("wait-all", "cut-off", "hedge", "staircase", "all")
+CASES = ("tail", "straggler")
+
+
+def _answer(seed: str) -> str:
+    """300 tokens of filler words (4 characters a token on average, one word each)."""
+    rng = random.Random(seed)
+    words = ["tide", "moon", "wave", "pull", "sea", "shore", "bulge", "orbit", "earth", "day"]
+    return " ".join(f"{rng.choice(words):>3}" for _ in range(ANSWER_TOKENS))[
+        : ANSWER_TOKENS * CHARS_PER_TOKEN
+    ]
+
+
+def _start_latency(key: str) -> float:
+    rng = random.Random(hashlib.sha256(key.encode()).digest())
+    return min(0.4 * math.exp(rng.gauss(0.0, 1.0)), 8.0)
+
+
+def serve() -> None:
+    """The fake upstream's process: scripted by model name."""
+    from moa.continuation import CONTINUE_INSTRUCTION
+    from moa.testing import FakeOpenAIServer, Reply
+
+    server = FakeOpenAIServer(chunk_size=CHUNK_CHARS)
+    counts: dict[tuple[str, str], int] = {}
+    lock = threading.Lock()
+
+    def question(messages: list[dict[str, Any]]) -> str:
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        users = [u for u in users if u != CONTINUE_INSTRUCTION]
+        return str(users[-1]).rsplit("\n", 1)[-1]
+
+    def respond(body: dict[str, Any], n: int) -> Reply:
+        model, messages = body["model"], body["messages"]
+        asked = question(messages)
+        with lock:
+            attempt = counts.get((asked, model), 0)
+            counts[(asked, model)] = attempt + 1
+        if model == "hung":
+            return Reply(hang=600)
+        if model != "agg":
+            latency = _start_latency(f"{asked}|{model}|{attempt}")
+            return Reply(text=_answer(asked + model), latency=latency, chunk_delay=CHUNK_DELAY)
+        target = _answer(asked + "agg")
+        partial = ""
+        if messages[-1]["role"] == "assistant":
+            partial = messages[-1]["content"]
+        rest = target[len(partial) :] if target.startswith(partial) else target
+        piece = rest[: body.get("max_tokens", ANSWER_TOKENS) * CHARS_PER_TOKEN]
+        return Reply(
+            text=piece,
+            latency=AGGREGATOR_START_S,
+            chunk_delay=CHUNK_DELAY,
+            finish_reason="stop" if len(piece) == len(rest) else "length",
+        )
+
+    server.respond("*", respond)
+    server.start()
+    print(f"listening {server.base_url}", flush=True)
+    try:
+        while server._thread is not None and server._thread.is_alive():
+            time.sleep(0.5)
+    finally:
+        server.stop()
+
+
+@contextmanager
+def upstream() -> Iterator[str]:
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("listening "):
+            raise RuntimeError(f"the fake server did not start: {line!r}")
+        yield line.split()[1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def config(base_url: str, case: str, mode: str) -> Any:
+    proposers: list[dict[str, Any]] = [{"model": f"p{i}"} for i in range(4)]
+    if case == "straggler":
+        proposers.append({"model": "hung"})
+    if mode in ("hedge", "all"):
+        proposers = [{**p, "hedge_after": HEDGE_AFTER_S} for p in proposers]
+    aggregator: dict[str, Any] = {"model": "agg", "max_tokens": ANSWER_TOKENS}
+    if mode in ("staircase", "all"):
+        aggregator["mode"] = "staircase"
+    return parse_config(
+        {
+            "providers": {"fake": {"base_url": base_url, "continuation": "prefill"}},
+            "proposers": proposers,
+            "aggregator": aggregator,
+            "max_tokens": ANSWER_TOKENS,
+            "timeout": 20,
+            "max_attempts": 1,
+            "wait": "cutoff" if mode in ("cut-off", "all") else "all",
+        }
+    )
+
+
+async def measure(base_url: str, case: str, mode: str, runs: int) -> dict[str, list[float]]:
+    async with MoA.from_config(config(base_url, case, mode)) as moa:
+
+        async def one(k: int) -> tuple[float, float, int]:
+            started = time.perf_counter()
+            result = await moa.arun(f"question {k}")
+            assert result.ttft_s is not None
+            cut = sum(a.status == "cancelled" for layer in result.layers for a in layer.agents)
+            return result.ttft_s, time.perf_counter() - started, cut
+
+        outcomes = await asyncio.gather(*(one(k) for k in range(runs)))
+    return {
+        "ttft": [o[0] for o in outcomes],
+        "total": [o[1] for o in outcomes],
+        "cut": [float(o[2]) for o in outcomes],
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--runs", type=int, default=8, help="questions per mode, run at once")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args()
+    if args.serve:
+        serve()
+        return
+    modes = [m for m in args.modes.split(",") if m]
+    if "wait-all" not in modes:
+        modes.insert(0, "wait-all")
+    print(
+        f"{TOKENS_PER_S} tokens/s, {ANSWER_TOKENS}-token answers, start latency log-normal "
+        f"(median 0.4 s, sigma 1), {args.runs} questions per mode at once"
+    )
+    with upstream() as base_url:
+        for case in args.cases.split(","):
+            figures = {m: asyncio.run(measure(base_url, case, m, args.runs)) for m in modes}
+            base = figures["wait-all"]
+            print(f"\ncase {case}")
+            print(
+                f"{'mode':>10} | {'TTFT p50':>9} {'ratio':>6} | {'TTFT p95':>9} {'ratio':>6} | "
+                f"{'total p50':>9} {'ratio':>6} | {'total p95':>9} {'ratio':>6} | cut/run"
+            )
+            for mode, got in figures.items():
+                cells = []
+                for key in ("ttft", "total"):
+                    for q in (0.5, 0.95):
+                        value = pct(got[key], q)
+                        cells.append(f"{value:8.2f}s {value / pct(base[key], q):6.2f}")
+                cut = statistics.mean(got["cut"])
+                print(f"{mode:>10} | " + " | ".join(cells) + f" | {cut:.2f}")
+
+
+if __name__ == "__main__":
+    main()
