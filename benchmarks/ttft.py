@@ -16,7 +16,14 @@ the same (question, agent, request number):
 It prints p50/p95 of time to first token and of end-to-end time, each as a ratio to
 wait-all measured in the same run.
 
+With `--embedded N` it runs instead N questions of the quality set (benchmarks/data/
+quality.jsonl, every k-th row so that each category is in) on the embedded model, as the
+`local` preset does (3 proposers, max_tokens lowered to 64 to keep the run short), once with
+the aggregator waiting and once as a staircase, one question at a time, and prints TTFT and
+accuracy (scored as `moa eval match` does) of both.
+
     python benchmarks/ttft.py [--runs 8] [--cases tail,straggler] [--modes ...]
+    python benchmarks/ttft.py --embedded 24
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import math
 import random
 import statistics
@@ -33,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from moa import MoA, parse_config
@@ -87,7 +96,10 @@ def serve() -> None:
             return Reply(hang=600)
         if model != "agg":
             latency = _start_latency(f"{asked}|{model}|{attempt}")
-            return Reply(text=_answer(asked + model), latency=latency, chunk_delay=CHUNK_DELAY)
+            text = _answer(asked + model)
+            if not body.get("stream"):  # a whole answer arrives when its last token is written
+                latency += len(text) / CHARS_PER_TOKEN / TOKENS_PER_S
+            return Reply(text=text, latency=latency, chunk_delay=CHUNK_DELAY)
         target = _answer(asked + "agg")
         partial = ""
         if messages[-1]["role"] == "assistant":
@@ -167,6 +179,47 @@ async def measure(base_url: str, case: str, mode: str, runs: int) -> dict[str, l
     }
 
 
+def embedded(count: int) -> None:
+    from moa.evaluation.scoring import is_correct
+
+    rows = [
+        json.loads(line)
+        for line in (Path(__file__).parent / "data" / "quality.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    rows = rows[:: max(1, len(rows) // count)][:count]
+    print(f"embedded model, {len(rows)} questions of the quality set, one at a time")
+    figures: dict[str, tuple[list[float], list[float], list[bool]]] = {}
+    for mode in ("wait", "staircase"):
+        data: dict[str, Any] = {
+            "providers": {"local": {"type": "llama-cpp"}},
+            "proposers": [{"temperature": t} for t in (0.6, 0.8, 1.0)],
+            "aggregator": {"temperature": 0.3, "mode": mode},
+            "max_tokens": 64,
+        }
+        ttfts, totals, right = [], [], []
+        with MoA.from_config(parse_config(data)) as moa:
+            moa.run("Say hello.")  # load the model
+            for row in rows:
+                started = time.perf_counter()
+                result = moa.run(row["instruction"])
+                totals.append(time.perf_counter() - started)
+                ttfts.append(result.ttft_s or totals[-1])
+                right.append(is_correct(result.output, row["answers"], question=row["instruction"]))
+        figures[mode] = (ttfts, totals, right)
+    base_ttft, base_total, _ = figures["wait"]
+    for mode, (ttfts, totals, right) in figures.items():
+        accuracy = sum(right) / len(right)
+        error = math.sqrt(accuracy * (1 - accuracy) / len(right))
+        print(
+            f"{mode:>10}: TTFT p50 {pct(ttfts, 0.5):.2f} s "
+            f"({pct(ttfts, 0.5) / pct(base_ttft, 0.5):.2f} x wait), "
+            f"total p50 {pct(totals, 0.5):.2f} s "
+            f"({pct(totals, 0.5) / pct(base_total, 0.5):.2f} x wait), "
+            f"accuracy {100 * accuracy:.1f} % ± {100 * error:.1f}"
+        )
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -178,9 +231,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8, help="questions per mode, run at once")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--embedded", type=int, metavar="N", help="the embedded-model run instead")
     args = parser.parse_args()
     if args.serve:
         serve()
+        return
+    if args.embedded:
+        embedded(args.embedded)
         return
     modes = [m for m in args.modes.split(",") if m]
     if "wait-all" not in modes:
