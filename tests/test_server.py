@@ -215,7 +215,7 @@ def test_harmless_unknown_fields_are_accepted(
     shared: BackgroundServer, fake: FakeOpenAIServer
 ) -> None:
     server = shared
-    payload = request(user="u-1", seed=7, presence_penalty=0.1, metadata={"a": "b"}, n=1)
+    payload = request(user="u-1", presence_penalty=0, metadata={"a": "b"}, n=1, logit_bias={})
     payload["some_future_field"] = {"x": 1}
     response = post(server, payload)
     assert response.status_code == 200, response.text
@@ -463,11 +463,28 @@ def test_the_body_cap_is_configurable(serve: Serve) -> None:
         pytest.param(request(tools=[{"type": "function"}]), "tools", id="tools"),
         pytest.param(request(response_format={"type": "json_object"}), "response_format"),
         pytest.param(
-            request(messages=[{"role": "assistant", "content": "hi"}]),
-            "messages",
+            request(
+                messages=[{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]
+            ),
+            "messages[1]",
             id="last-not-user",
         ),
-        pytest.param(request(messages=[{"role": "robot", "content": "hi"}]), "messages", id="role"),
+        pytest.param(
+            request(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role", id="role"
+        ),
+        pytest.param(
+            request(messages=[{"role": "user", "content": 3}]), "messages[0].content", id="content"
+        ),
+        pytest.param(
+            request(messages=[{"role": "tool", "content": "x", "tool_call_id": "c"}]),
+            "messages[0].role",
+            id="tool-message",
+        ),
+        pytest.param(request(logit_bias={"50256": -100}), "logit_bias", id="logit-bias"),
+        pytest.param(request(reasoning_effort="high"), "reasoning_effort", id="reasoning-effort"),
+        pytest.param(
+            request(stream_options={"include_usage": True}), "stream_options", id="opts-no-stream"
+        ),
         pytest.param(request(messages=["hi"]), "messages[0]", id="message-not-object"),
     ],
 )
@@ -533,19 +550,26 @@ def test_while_draining_new_requests_get_503_and_health_says_so(serve: Serve) ->
     assert refused.headers["connection"] == "close"
 
 
-def test_shutdown_lets_a_stream_in_flight_finish_and_refuses_new_connections(
+def test_shutdown_lets_a_stream_in_flight_finish_and_answers_new_connections_503(
     serve: Serve, fake: FakeOpenAIServer
 ) -> None:
     fake.script("agg", Reply(text="z" * 32, chunk_delay=0.25))
     server = serve(grace_period=10)
-    with httpx2.stream("POST", f"{server.url}{CHAT}", json=request(stream=True)) as response:
+    url = server.url
+    with httpx2.stream("POST", f"{url}{CHAT}", json=request(stream=True)) as response:
         lines = response.iter_lines()
         next(lines)
         stopper = threading.Thread(target=server.stop)
         stopper.start()
-        wait_until(lambda: _refused(server))
+        wait_until(lambda: _draining(server))
+        # During the grace period the listener stays open: a new connection gets a 503.
+        refused = post(server, request())
+        assert assert_openai_error(refused, 503)["code"] == "server_shutting_down"
         rest = list(lines)
     stopper.join(10)
+    assert not stopper.is_alive()
+    with pytest.raises(httpx2.ConnectError):  # and closes once the run in flight is done
+        httpx2.get(f"{url}/healthz", timeout=1)
     data = sse_data(rest)
     assert data[-1] == "[DONE]"
     text = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1])
@@ -569,12 +593,9 @@ def test_runs_still_going_at_the_end_of_the_grace_period_are_cancelled_upstream(
     assert proposer.disconnected
 
 
-def _refused(server: BackgroundServer) -> bool:
-    try:
-        response = httpx2.get(f"{server.url}/healthz", timeout=1)
-    except httpx2.TransportError:
-        return True
-    return response.status_code == 503
+def _draining(server: BackgroundServer) -> bool:
+    response = httpx2.get(f"{server.url}/healthz", timeout=1)
+    return response.status_code == 503 and response.json() == {"status": "draining"}
 
 
 # --- concurrency ----------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_secret_keys_never_appear_in_the_server_logs(
         assert secret not in logs
 
 
-def test_sigterm_lets_the_stream_in_flight_finish_and_refuses_new_connections(
+def test_sigterm_lets_the_stream_in_flight_finish_and_answers_newcomers_503(
     fake: FakeOpenAIServer, tmp_path: Path, start_serve: Callable[..., ServeProcess]
 ) -> None:
     config = write_config(tmp_path / "moa.yaml", fake)
@@ -151,13 +151,16 @@ def test_sigterm_lets_the_stream_in_flight_finish_and_refuses_new_connections(
                 break
         server.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 3
-        while True:  # the listening socket closes promptly
-            try:
-                httpx2.get(f"{server.url}/healthz", timeout=1)
-            except httpx2.ConnectError:
+        while True:  # draining begins promptly, and the listener stays open meanwhile
+            health = httpx2.get(f"{server.url}/healthz", timeout=1)
+            if health.status_code == 503:
                 break
-            assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+            assert time.monotonic() < deadline, "not draining after SIGTERM"
             time.sleep(0.05)
+        assert health.json() == {"status": "draining"}
+        newcomer = httpx2.post(url, json=chat(), timeout=5)  # a new connection: not refused
+        assert newcomer.status_code == 503
+        assert newcomer.json()["error"]["code"] == "server_shutting_down"
         rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
     assert rest[-1] == "[DONE]"
     text = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in rest[:-1])
@@ -189,6 +192,12 @@ def test_a_preset_is_served_under_its_own_name(
             id="public-without-keys",
         ),
         pytest.param([], {"MOA_API_KEYS": "short"}, "MOA_API_KEYS", id="short-key"),
+        pytest.param(
+            ["--cors-origin", "localhost:3000/app"],
+            {},
+            "--cors-origin 'localhost:3000/app': give an origin such as",
+            id="bad-cors-origin",
+        ),
     ],
 )
 def test_unsafe_settings_are_refused_before_serving(

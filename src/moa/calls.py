@@ -34,7 +34,7 @@ from moa.providers.base import (
     StreamChunk,
     close_stream,
 )
-from moa.results import AgentResult, AgentStatus, Usage
+from moa.results import AgentResult, AgentStatus, FailureKind, Usage
 from moa.retry import decide_retry
 
 __all__ = ["AgentCall", "call_agent"]
@@ -204,7 +204,12 @@ async def call_agent(
     shrunk_for_context = False
     trimmed = False
 
-    def result(status: AgentStatus, output: str = "", error: str | None = None) -> AgentResult:
+    def result(
+        status: AgentStatus,
+        output: str = "",
+        error: str | None = None,
+        failure: FailureKind | None = None,
+    ) -> AgentResult:
         return AgentResult(
             layer=call.layer,
             index=call.index,
@@ -217,6 +222,7 @@ async def call_agent(
             usage=usage,
             attempts=attempts,
             references_trimmed=trimmed,
+            failure=failure,
         )
 
     while True:
@@ -248,13 +254,16 @@ async def call_agent(
             budget.settle(reserved, spent.total_tokens)
             log.debug("%s attempt %d failed: %s", call_label(call), attempts, error.describe())
             if isinstance(error, StreamInterrupted):
-                return result("failed", output=error.partial, error=error.describe())
+                return result(
+                    "failed", output=error.partial, error=error.describe(), failure="transient"
+                )
             if isinstance(error, ContextLengthExceeded):
                 if shrunk_for_context or not call.references:
                     return result(
                         "failed",
                         error=f"{error.describe()} (the prompt does not fit even with the "
                         "references halved: lower max_tokens or set context_window)",
+                        failure="context_length",
                     )
                 shrunk_for_context = True
                 tracing.add_event("moa.references_shrunk", attempt=attempts)
@@ -270,7 +279,8 @@ async def call_agent(
                 cause = error.describe()
                 if decision.reason and decision.reason != "not retryable":
                     cause = f"{cause} ({decision.reason})"
-                return result("failed", error=cause)
+                kind: FailureKind = "transient" if error.retryable else "rejected"
+                return result("failed", error=cause, failure=kind)
             tracing.add_event(
                 "moa.retry",
                 attempt=attempts,

@@ -27,6 +27,11 @@ __all__ = [
 #: ok: a usable answer. truncated: usable, but cut by max_tokens. empty: the model said nothing.
 #: failed: the call raised. cancelled: the layer moved on without it (deadline, enough answers).
 AgentStatus = Literal["ok", "truncated", "empty", "failed", "cancelled"]
+#: Why a call failed, for whoever decides whether to try again: `transient` (overload, outage,
+#: timeout: a later try may succeed), `rejected` (the upstream refused the request itself, as
+#: with a 400, 401 or 404: the same request would be refused again), `context_length` (the
+#: prompt does not fit the model, even with the references cut).
+FailureKind = Literal["transient", "rejected", "context_length"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,8 @@ class AgentResult:
     references_trimmed: bool = False
     #: Hedged calls: which request gave the answer when a second one was sent, else None.
     hedge: Literal["primary", "hedge"] | None = None
+    #: Set when status is "failed".
+    failure: FailureKind | None = None
 
     @property
     def ok(self) -> bool:
@@ -215,6 +222,7 @@ def _agent_to_dict(result: AgentResult) -> dict[str, Any]:
         "attempts": result.attempts,
         "references_trimmed": result.references_trimmed,
         "hedge": result.hedge,
+        "failure": result.failure,
     }
 
 
@@ -233,6 +241,7 @@ def _agent_from_dict(data: dict[str, Any]) -> AgentResult:
         attempts=data.get("attempts", 1),
         references_trimmed=data.get("references_trimmed", False),
         hedge=data.get("hedge"),
+        failure=data.get("failure"),
     )
 
 

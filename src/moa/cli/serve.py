@@ -77,6 +77,14 @@ _MIB = 1024 * 1024
 @click.option(
     "--metrics-public", is_flag=True, help="With --metrics: serve /metrics without a key."
 )
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let browser pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API; "
+    "repeatable. None by default.",
+)
 def command(
     config_path: Path | None,
     preset: str | None,
@@ -90,6 +98,7 @@ def command(
     no_ui: bool,
     metrics: bool,
     metrics_public: bool,
+    cors_origins: tuple[str, ...],
 ) -> None:
     """Serve MoA pipelines as models of an OpenAI-compatible API at http://HOST:PORT/v1.
 
@@ -98,7 +107,10 @@ def command(
     http://HOST:PORT/ shows each run's agents at work (--no-ui turns it off).
     """
     from moa.server import check_exposure, serve
+    from moa.server.cors import check_origin
     from moa.server.guards import parse_api_keys
+
+    origins = [check_origin(origin) for origin in cors_origins]  # before anything starts
 
     config, name = load_selected(config_path, preset)
     env = environment(config, env_file)
@@ -133,4 +145,5 @@ def command(
         ui=not no_ui,
         metrics=metrics,
         metrics_public=metrics_public,
+        cors_origins=origins,
     )

@@ -7,6 +7,8 @@
     POST /v1/moa/runs           the same request; every agent's events streamed (SSE)
     GET  /                      the web page (unless ui=False), assets under /ui/
     GET  /metrics               Prometheus metrics, with metrics=True (the /v1 key unless public)
+    POST /v1/responses          the Responses API, text in and out (moa.server.responses)
+    POST /v1/completions        legacy completions of one prompt (moa.server.completions)
 
 The app owns the pipelines it is given: their providers are closed when it shuts down.
 """
@@ -30,6 +32,8 @@ from starlette.routing import Route
 from moa import tracing
 from moa.engine import MoA, close_providers
 from moa.server.chat import ChatRun, with_answer_settings
+from moa.server.completions import completions_endpoint
+from moa.server.cors import cors_middleware
 from moa.server.errors import SERVER_ERROR, ApiError, json_response
 from moa.server.events import start_run
 from moa.server.guards import (
@@ -40,6 +44,7 @@ from moa.server.guards import (
     RunSlots,
     read_body,
 )
+from moa.server.responses import responses_endpoint
 from moa.server.schema import parse_chat_request
 from moa.server.ui import ui_routes
 
@@ -97,6 +102,7 @@ def create_app(
     ui: bool = True,
     metrics: bool = False,
     metrics_public: bool = False,
+    cors_origins: Iterable[str] = (),
 ) -> Starlette:
     """An ASGI app serving each pipeline as a model named by its key in `pipelines`.
 
@@ -105,6 +111,7 @@ def create_app(
     `ui` serves the web page at `/`.
     With `metrics`, GET /metrics serves Prometheus metrics, behind the same keys unless
     `metrics_public`.
+    Browser pages from `cors_origins` may call the API (see moa.server.cors).
     """
     if not pipelines:
         raise ValueError("create_app needs at least one pipeline")
@@ -130,6 +137,8 @@ def create_app(
         Route("/v1/models/{model:path}", _get_model, methods=["GET"]),
         Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
         Route("/v1/moa/runs", start_run, methods=["POST"]),
+        Route("/v1/responses", responses_endpoint, methods=["POST"]),
+        Route("/v1/completions", completions_endpoint, methods=["POST"]),
         *(ui_routes() if ui else []),
     ]
     middleware = [
@@ -151,6 +160,8 @@ def create_app(
         from moa.server.tracing import TraceMiddleware
 
         middleware.insert(0, Middleware(TraceMiddleware))
+    # Outermost, so that refusals (401, 503) carry CORS headers a browser can read.
+    middleware[:0] = cors_middleware(cors_origins)
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -227,7 +238,7 @@ async def _http_error(request: Request, error: Exception) -> Response:
     if error.status_code == 404:
         message = (
             f"no route {request.method} {request.url.path}: this server serves GET /v1/models "
-            "and POST /v1/chat/completions"
+            "and POST /v1/chat/completions, /v1/responses and /v1/completions"
         )
     elif error.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"

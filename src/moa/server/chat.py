@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -33,6 +32,7 @@ from moa.server.errors import (
     json_response,
 )
 from moa.server.guards import Slot
+from moa.server.params import RunRequest, with_settings
 from moa.server.schema import ChatCompletionRequest
 
 __all__ = ["ChatRun", "run_error", "with_answer_settings"]
@@ -41,43 +41,44 @@ log = logging.getLogger("moa.server")
 
 
 def with_answer_settings(moa: MoA, request: ChatCompletionRequest) -> MoA:
-    """The pipeline with the request's temperature / top_p / max_tokens on the agents that write
-    the answer (the aggregator, and its fallbacks, which stand in for it). Proposers keep their
-    configured settings: the client asks about the answer it gets, not the drafts behind it."""
-    overrides: dict[str, Any] = {
-        name: value
-        for name, value in (
-            ("temperature", request.temperature),
-            ("top_p", request.top_p),
-            ("max_tokens", request.answer_tokens),
-        )
-        if value is not None
-    }
-    if not overrides:
-        return moa
-    pipeline = dataclasses.replace(
-        moa.pipeline,
-        aggregator=dataclasses.replace(moa.pipeline.aggregator, **overrides),
-        fallbacks=tuple(dataclasses.replace(f, **overrides) for f in moa.pipeline.fallbacks),
-    )
-    return MoA(pipeline, moa.providers, name=moa.name, owns_providers=False)
+    """The pipeline with the request's sampling settings on the agents that write the answer
+    (see moa.server.params)."""
+    return with_settings(moa, request.answer_settings())
 
 
 def run_error(error: RunError, model: str) -> ApiError:
-    """A failed run as an API error. Upstream trouble is a 502 (clients retry it); a run over
-    the pipeline's token budget is the request's size, so a 400 (retrying will not help)."""
+    """A failed run as an API error that tells clients whether to retry.
+
+    OpenAI's SDKs retry a 5xx twice by default, and here each retry is a whole run of
+    n·(L−1)+1 upstream calls, so a failure no retry can fix must say so: a 400 where the
+    request is at fault (over the token budget, too long for the models), and a 502 with
+    `x-should-retry: false` where an upstream refused the calls themselves (a 400, 401 or
+    404 upstream: our configuration, not an outage). Other failures stay plain 502s.
+    """
     extra = {"moa": _moa_extension(error.result)} if error.result is not None else None
+    message = f"model {model!r}: {error}"
     if isinstance(error, BudgetExceeded):
+        return ApiError(400, message, code="budget_exceeded", type=INVALID_REQUEST, extra=extra)
+    failed = [r for r in getattr(error, "results", ()) if not r.ok]
+    kinds = {r.failure for r in failed}
+    if failed and kinds == {"context_length"}:
         return ApiError(
             400,
-            f"model {model!r}: {error}",
-            code="budget_exceeded",
+            f"{message}; the conversation is too long for the pipeline's models: shorten it",
+            code="context_length_exceeded",
             type=INVALID_REQUEST,
             extra=extra,
         )
-    return ApiError(
-        502, f"model {model!r}: {error}", type=UPSTREAM_ERROR, code="upstream_failed", extra=extra
-    )
+    if failed and kinds <= {"rejected", "context_length"}:
+        return ApiError(
+            502,
+            f"{message}; upstream refused the request, so retrying will not help",
+            type=UPSTREAM_ERROR,
+            code="upstream_rejected",
+            headers={"x-should-retry": "false"},
+            extra=extra,
+        )
+    return ApiError(502, message, type=UPSTREAM_ERROR, code="upstream_failed", extra=extra)
 
 
 def _moa_extension(result: RunResult) -> dict[str, Any]:
@@ -99,7 +100,7 @@ class ChatRun:
         self,
         moa: MoA,
         messages: list[ChatMessage],
-        request: ChatCompletionRequest,
+        request: RunRequest,
         slot: Slot,
         *,
         heartbeat_s: float,
@@ -109,8 +110,11 @@ class ChatRun:
         self.request = request
         self.slot = slot
         self.heartbeat_s = heartbeat_s
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = self._new_id()
         self.created = int(time.time())
+
+    def _new_id(self) -> str:
+        return f"chatcmpl-{uuid.uuid4().hex}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -1,12 +1,15 @@
 """Serving the app with uvicorn: the exposure check, log redaction and graceful draining.
 
-On SIGTERM (or Ctrl-C) the server stops listening, answers 503 to any request that still
-arrives on an open connection, lets the runs in flight finish for up to `grace_period` seconds,
-then cancels what is left (which cancels its upstream calls) and closes the providers.
+On SIGTERM (or Ctrl-C) the server starts draining: it keeps listening while runs are in
+flight, for up to `grace_period` seconds, answering 503 to new requests and "draining" on
+/healthz (so a load balancer sees why, instead of a refused connection); once the runs are done
+or the grace period is over it stops listening, cancels what is left (which cancels its
+upstream calls) and closes the providers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ipaddress
 import logging
@@ -106,6 +109,20 @@ class MoAServer(uvicorn.Server):
     def begin_draining(self) -> None:
         server_state(self.app).lifecycle.begin_draining()
 
+    async def shutdown(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        """Keep listening (answering 503) while runs are in flight, up to the grace period;
+        then let uvicorn close the listener and wait out what is left of the period."""
+        self.begin_draining()
+        grace = float(self.config.timeout_graceful_shutdown or 0)
+        deadline = time.monotonic() + grace
+        slots = server_state(self.app).slots
+        # Polled: the slots have no hook to wake us, and 50 ms is nothing beside a drain.
+        while slots.in_use and time.monotonic() < deadline and not self.force_exit:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        left = max(deadline - time.monotonic(), 0.001)
+        self.config.timeout_graceful_shutdown = left  # type: ignore[assignment]
+        await super().shutdown(sockets)  # type: ignore[arg-type]
+
     async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         await super().startup(sockets)  # type: ignore[arg-type]
         if self.started and self.on_started is not None:
@@ -157,6 +174,7 @@ def serve(
     ui: bool = True,
     metrics: bool = False,
     metrics_public: bool = False,
+    cors_origins: Iterable[str] = (),
 ) -> None:
     """Serve until SIGTERM / SIGINT, in the foreground. Takes ownership of the pipelines."""
     keys = tuple(api_keys)
@@ -170,6 +188,7 @@ def serve(
         ui=ui,
         metrics=metrics,
         metrics_public=metrics_public,
+        cors_origins=cors_origins,
     )
     redact_server_logs()
     server = build_server(

@@ -16,14 +16,21 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from moa.engine import normalize_messages
-from moa.errors import InvalidRequest
 from moa.providers.base import ChatMessage
 from moa.server.errors import ApiError
+from moa.server.messages import check_conversation, parse_message
+from moa.server.params import SamplingRequest
 
-__all__ = ["REDIRECT_FIELDS", "ChatCompletionRequest", "parse_chat_request"]
+__all__ = [
+    "REDIRECT_FIELDS",
+    "ChatCompletionRequest",
+    "decode_body",
+    "parse_chat_request",
+    "refuse_redirects",
+    "schema_error",
+]
 
 #: Fields some proxies accept to re-target or re-key the upstream call. Compared after
 #: lower-casing and turning "-" into "_", so `API-Key` is caught too.
@@ -45,24 +52,13 @@ REDIRECT_FIELDS = frozenset(
 _MAX_MODEL_NAME = 256
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-
-    include_usage: bool | None = None
-
-
-class ChatCompletionRequest(BaseModel):
-    """The fields we act on; anything else OpenAI defines is accepted and has no effect."""
-
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+class ChatCompletionRequest(SamplingRequest):
+    """The fields we act on (see SamplingRequest for those every endpoint shares); anything
+    else OpenAI defines is accepted and has no effect."""
 
     model: str = Field(min_length=1, max_length=_MAX_MODEL_NAME)
     messages: list[dict[str, Any]] = Field(min_length=1)
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     # Applied to the aggregator (and its fallbacks): they write the answer the client sees.
-    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     # Refused unless left at their neutral value: see `_refuse_unsupported`.
@@ -75,14 +71,6 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
 
     @property
-    def streamed(self) -> bool:
-        return bool(self.stream)
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.streamed and self.stream_options and self.stream_options.include_usage)
-
-    @property
     def answer_tokens(self) -> int | None:
         """The cap on the answer: `max_completion_tokens` is OpenAI's newer name for it."""
         return self.max_completion_tokens or self.max_tokens
@@ -90,31 +78,27 @@ class ChatCompletionRequest(BaseModel):
 
 def parse_chat_request(body: bytes) -> tuple[ChatCompletionRequest, list[ChatMessage]]:
     """The validated request and its messages, or an ApiError(400) naming the bad field."""
-    data = _decode(body)
-    _refuse_redirects(data)
+    data = decode_body(body, "a chat completion request")
+    refuse_redirects(data)
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as error:
-        raise _schema_error(error) from None
+        raise schema_error(error) from None
+    request.check_sampling()
     _refuse_unsupported(request)
     both = request.max_tokens and request.max_completion_tokens
     if both and request.max_tokens != request.max_completion_tokens:
         raise _bad(
             "max_tokens and max_completion_tokens disagree: send only one of them", "max_tokens"
         )
-    try:
-        messages = normalize_messages([_standard_role(m) for m in request.messages])
-    except InvalidRequest as error:
-        raise _bad(f"messages: {error}", "messages") from None
-    return request, messages
+    messages = [parse_message(m, f"messages[{n}]") for n, m in enumerate(request.messages)]
+    return request, check_conversation(messages, "messages")
 
 
-def _decode(body: bytes) -> dict[str, Any]:
+def decode_body(body: bytes, what: str) -> dict[str, Any]:
+    """The JSON object of a request body, or a 400 saying what is wrong with it."""
     if not body.strip():
-        raise _bad(
-            "the request body is empty: send a chat completion request as a JSON object",
-            code="invalid_json",
-        )
+        raise _bad(f"the request body is empty: send {what} as a JSON object", code="invalid_json")
     try:
         data = json.loads(body, parse_constant=_no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
@@ -132,7 +116,7 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _refuse_redirects(data: Mapping[str, Any]) -> None:
+def refuse_redirects(data: Mapping[str, Any]) -> None:
     for key in data:
         if key.lower().replace("-", "_") in REDIRECT_FIELDS:
             raise ApiError(
@@ -163,14 +147,7 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
         raise _unsupported("logprobs", "logprobs are not available from a MoA pipeline")
 
 
-def _standard_role(message: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's newer clients say "developer" for the system role."""
-    if message.get("role") == "developer":
-        return {**message, "role": "system"}
-    return message
-
-
-def _schema_error(error: ValidationError) -> ApiError:
+def schema_error(error: ValidationError) -> ApiError:
     first = error.errors()[0]
     param = _param(first["loc"])
     if first["type"] == "missing":
