@@ -311,3 +311,13 @@ def test_the_readme_client_example_reads_a_run(
     assert re.search(r"\[p1 #0: ok in \d+\.\d s\]", printed), printed
     assert "agg answer 0" in printed
     assert printed.rstrip().endswith("tokens")
+
+
+def test_runs_count_in_the_servers_metrics(
+    fake: FakeOpenAIServer, server: Callable[..., BackgroundServer]
+) -> None:
+    url = server(metrics=True).url
+    assert stream_run(url, run_body())[-1]["type"] == "done"
+    metrics = httpx2.get(url + "/metrics").text
+    assert 'moa_runs_total{outcome="ok",pipeline="moa"} 1.0' in metrics
+    assert 'moa_upstream_calls_total{model="p1",outcome="ok",provider="fake"} 2.0' in metrics

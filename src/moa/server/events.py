@@ -67,6 +67,8 @@ async def start_run(request: Request) -> EventRun:
     body = await read_body(request.scope, request.receive, state.max_body_bytes)
     chat, messages = parse_chat_request(body)
     moa = with_answer_settings(state.pipeline(chat.model), chat)
+    if state.metrics is not None:  # the page's runs count like any other
+        moa = state.metrics.observed(moa)
     slot = state.slots.take()
     # No await from here on: the slot is released by the run, which starts right away.
     return EventRun(moa, messages, slot, heartbeat_s=state.heartbeat_s)
