@@ -7,11 +7,13 @@ against the fake server at a fixed per-call latency and prints end-to-end latenc
 to first token as ratios to that bound. Target: <= 1.05.
 
     python benchmarks/overhead.py [--latency 1.0] [--runs 10] [--proposers 6] [--layers 3]
-                                  [--tracing absent|off|on]
+                                  [--tracing absent|off|on] [--hook-cost]
 
 --tracing: `absent` hides OpenTelemetry as if the [otel] extra were not installed; `off` (the
 default) has the API installed and no SDK, as a library user who does not trace; `on`
 records every span with the SDK and exports them in batches (as JSON, to nowhere).
+--hook-cost: instead of runs, time the tracing hooks alone in-process (an agent-call span around
+a call that does nothing), in microseconds per agent call, against the bare call.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ def main() -> None:
     parser.add_argument("--proposers", type=int, default=6)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--tracing", choices=("absent", "off", "on"), default="off")
+    parser.add_argument("--hook-cost", action="store_true")
     args = parser.parse_args()
     provider = _tracing(args.tracing)
+    if args.hook_cost:
+        _hook_cost(args.tracing)
+        return
 
     from moa import MoA, parse_config
 
@@ -74,6 +80,41 @@ def main() -> None:
         )
     ratio = statistics.median(totals) / bound
     print(f"target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'} ({ratio:.3f})")
+
+
+def _hook_cost(mode: str, calls: int = 20000) -> None:
+    import asyncio
+
+    from moa import tracing
+    from moa.calls import AgentCall
+    from moa.config import Agent
+    from moa.results import AgentResult
+
+    call = AgentCall(Agent(provider="fake", model="m"), [], [], layer=1, index=0)
+    result = AgentResult(layer=1, index=0, provider="fake", model="m", status="ok")
+
+    async def answer() -> AgentResult:
+        return result
+
+    async def bare() -> None:
+        for _ in range(calls):
+            await answer()
+
+    async def traced() -> None:
+        for _ in range(calls):
+            await tracing.traced_call(call, {}, answer())
+
+    def timed(work: Any) -> float:
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            asyncio.run(work())
+            best = min(best, time.perf_counter() - started)
+        return best / calls * 1e6
+
+    plain, hooked = timed(bare), timed(traced)
+    print(f"tracing {mode}: bare call {plain:.2f} us, with its span {hooked:.2f} us")
+    print(f"hooks cost {hooked - plain:.2f} us per agent call, best of 5 x {calls} calls")
 
 
 def _tracing(mode: str) -> Any:

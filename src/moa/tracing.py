@@ -79,6 +79,15 @@ def _capturing() -> bool:
     return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def _listening() -> bool:
+    """Whether an SDK (any real TracerProvider) is installed: without one no span records, so
+    the hooks skip even the API's no-op spans."""
+    if _trace is None:
+        return False
+    provider = _trace.get_tracer_provider()
+    return not isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider)
+
+
 def _current() -> Any:
     """The current span if it records, else None (cheap: no attributes get built)."""
     if _trace is None:
@@ -90,7 +99,7 @@ def _current() -> Any:
 @contextlib.contextmanager
 def _span(name: str, kind: Any = None) -> Iterator[Any]:
     """A current span, or None when nobody records; errors are set by the callers."""
-    if _tracer is None:
+    if not _listening():
         yield None
         return
     with _tracer.start_as_current_span(
@@ -117,6 +126,9 @@ async def traced_run(
     emit: Callable[[Event], None],
 ) -> None:
     """`run(emit)` inside a run span; the span learns the result from the Done event."""
+    if not _listening():
+        await run(emit)
+        return
     with _span(f"moa.run {name}") as span:
         if span is None:
             await run(emit)
@@ -218,6 +230,8 @@ async def traced_call(
     call: AgentCall, providers: Mapping[str, ProviderConfig], run: Awaitable[AgentResult]
 ) -> AgentResult:
     """Await one agent call (`run`) inside its span."""
+    if not _listening():
+        return await run
     with _agent_span(call, providers) as finish:
         result = await run
         finish(result)
