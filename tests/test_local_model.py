@@ -149,3 +149,24 @@ def test_moa_ask_runs_offline_from_the_command_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
+
+
+def test_unseeded_calls_sample_afresh_even_in_a_fresh_process() -> None:
+    """Two fresh model instances stand for two server processes: without a seed, the same
+    question must not get the same sampled answer (llama-cpp-python alone would repeat it)."""
+    request = ChatRequest(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Invent a name for a cat."}],
+        temperature=1.0,
+        max_tokens=24,
+    )
+
+    async def first_answer() -> str:
+        provider = LlamaCppProvider("local", n_ctx=512)
+        try:
+            return (await provider.complete(request)).text
+        finally:
+            await provider.aclose()
+
+    answers = {asyncio.run(first_answer()) for _ in range(2)}
+    assert len(answers) == 2, answers

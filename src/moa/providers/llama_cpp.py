@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import threading
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,13 @@ def default_model_path() -> Path:
 
 class _Cancelled(Exception):
     pass
+
+
+def _seed(request: ChatRequest) -> int:
+    """The request's seed, else a fresh one. Left to itself, llama-cpp-python derives each
+    call's seed from the previous one, starting from the same constant in every process: a
+    restarted server would give the same "random" answers in the same order."""
+    return request.seed if request.seed is not None else secrets.randbits(32)
 
 
 class _Continuing:
@@ -214,7 +222,7 @@ class LlamaCppProvider:
                     temperature=request.temperature if request.temperature is not None else 0.7,
                     top_p=request.top_p if request.top_p is not None else 0.95,
                     max_tokens=request.max_tokens,
-                    seed=request.seed,
+                    seed=_seed(request),
                     stream=True,
                 )
                 for chunk in chunks:
