@@ -85,6 +85,29 @@ _MIB = 1024 * 1024
     help="Let browser pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API; "
     "repeatable. None by default.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers (from connecting, or from the "
+    "previous response); slower connections are closed.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client has to send a request's body; slower ones get 408.",
+)
+@click.option(
+    "--max-client-connections",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Connections one client address may hold at once; more get 429. 0: no cap (behind "
+    "a proxy that makes every client one address).",
+)
 def command(
     config_path: Path | None,
     preset: str | None,
@@ -99,6 +122,9 @@ def command(
     metrics: bool,
     metrics_public: bool,
     cors_origins: tuple[str, ...],
+    header_timeout: float,
+    body_timeout: float,
+    max_client_connections: int,
 ) -> None:
     """Serve MoA pipelines as models of an OpenAI-compatible API at http://HOST:PORT/v1.
 
@@ -146,4 +172,7 @@ def command(
         metrics=metrics,
         metrics_public=metrics_public,
         cors_origins=origins,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_client_connections=max_client_connections,
     )

@@ -34,6 +34,7 @@ from moa.engine import MoA, close_providers
 from moa.server.chat import ChatRun, with_answer_settings
 from moa.server.completions import completions_endpoint
 from moa.server.cors import cors_middleware
+from moa.server.connections import DEFAULT_BODY_TIMEOUT_S
 from moa.server.errors import SERVER_ERROR, ApiError, json_response
 from moa.server.events import start_run
 from moa.server.guards import (
@@ -73,6 +74,7 @@ class ServerState:
     slots: RunSlots
     max_body_bytes: int
     heartbeat_s: float
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT_S
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     started: int = field(default_factory=lambda: int(time.time()))
     #: moa.server.metrics.ServerMetrics with metrics=True.
@@ -103,6 +105,7 @@ def create_app(
     metrics: bool = False,
     metrics_public: bool = False,
     cors_origins: Iterable[str] = (),
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT_S,
 ) -> Starlette:
     """An ASGI app serving each pipeline as a model named by its key in `pipelines`.
 
@@ -123,6 +126,7 @@ def create_app(
         slots=RunSlots(max_concurrency),
         max_body_bytes=max_body_bytes,
         heartbeat_s=heartbeat_s,
+        body_timeout=body_timeout,
     )
 
     @contextlib.asynccontextmanager
@@ -210,7 +214,7 @@ def _model(state: ServerState, name: str) -> dict[str, object]:
 
 async def _chat_completions(request: Request) -> Response | ChatRun:
     state = server_state(request.app)
-    body = await read_body(request.scope, request.receive, state.max_body_bytes)
+    body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
     chat, messages = parse_chat_request(body)
     moa = with_answer_settings(state.pipeline(chat.model), chat)
     if state.metrics is not None:

@@ -34,6 +34,7 @@ from moa.server.errors import (
 from moa.server.guards import Slot
 from moa.server.params import RunRequest, with_settings
 from moa.server.schema import ChatCompletionRequest
+from moa.server.shutdown import ResponseTracker, answer_cut_short
 
 __all__ = ["ChatRun", "run_error", "with_answer_settings"]
 
@@ -117,10 +118,17 @@ class ChatRun:
         return f"chatcmpl-{uuid.uuid4().hex}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tracked = ResponseTracker(send)
         try:
-            work = self._stream(send) if self.request.streamed else self._complete(scope, send)
+            work = (
+                self._stream(tracked) if self.request.streamed else self._complete(scope, tracked)
+            )
             if await run_unless_disconnected(work, receive):
                 log.info("%s: the client hung up; its run was cancelled", self.id)
+        except asyncio.CancelledError:
+            # Only the server cancels a request (at the end of its shutdown grace period):
+            # say so in OpenAI's format rather than leave uvicorn's plain 500 or a cut stream.
+            await answer_cut_short(scope, tracked, self.id)
         finally:
             self.slot.release()
 

@@ -3,17 +3,22 @@ a free run slot. Each answers in OpenAI's error format with the status clients e
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from moa._secrets import check_key
 from moa.env import register_secret
 from moa.errors import ConfigError
+from moa.server.connections import DEFAULT_BODY_TIMEOUT_S
 from moa.server.errors import RATE_LIMIT, SERVER_ERROR, ApiError
 
 __all__ = [
+    "REDIRECT_FIELDS",
     "ApiKeys",
     "ClientGone",
     "GuardMiddleware",
@@ -21,6 +26,7 @@ __all__ = [
     "RunSlots",
     "parse_api_keys",
     "read_body",
+    "redirect_field",
 ]
 
 #: Shorter keys are refused: they are guessable, and too short to be redacted from logs.
@@ -30,6 +36,56 @@ MIN_KEY_LENGTH = 8
 _DISCARD_LIMIT = 16 * 1024 * 1024
 #: How long a refused client should wait before trying again, in seconds.
 RETRY_AFTER_S = 1
+
+
+#: A request field is refused when its name, lower-cased with everything but letters and digits
+#: dropped (`baseURL`, `base-url`, `openai_api_base` → `baseurl`, `baseurl`, `openaiapibase`),
+#: contains one of these: then no new spelling of "send this call elsewhere, with other
+#: credentials" gets through for want of a list entry. None of OpenAI's request fields does.
+REDIRECT_FIELDS = (
+    "baseurl",
+    "apibase",
+    "apiurl",
+    "apikey",
+    "apiversion",
+    "apitype",
+    "endpoint",
+    "organization",
+    "organisation",
+    "headers",
+    "proxy",
+    "proxies",
+    "deployment",
+    "credential",
+    "secretkey",
+    "accesskey",
+    "authtoken",
+    "authorization",
+    "bearer",
+    "password",
+    "url",
+    "host",
+)
+#: Whole names refused as well (too short to look for inside other names).
+_REDIRECT_NAMES = frozenset({"key", "token", "auth", "secret"})
+#: Fields holding the conversation: their keys are message parts, not request settings.
+_CONTENT_FIELDS = frozenset({"messages", "input"})
+
+
+def redirect_field(data: Mapping[str, Any], where: str = "", depth: int = 0) -> str | None:
+    """The first field of a request (dotted, like `extra_body.base_url`) whose name says it
+    would re-target or re-key upstream calls, or None. Nested objects are searched too, since
+    some clients pass settings through `extra_body`; conversation content is not."""
+    for key, value in data.items():
+        name = "".join(c for c in str(key).lower() if c.isalnum())
+        path = f"{where}.{key}" if where else str(key)
+        if name in _REDIRECT_NAMES or any(token in name for token in REDIRECT_FIELDS):
+            return path
+        if isinstance(value, Mapping) and depth < 8 and not (depth == 0 and key in _CONTENT_FIELDS):
+            found = redirect_field(value, path, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 def parse_api_keys(value: str | None) -> tuple[str, ...]:
@@ -43,6 +99,10 @@ def parse_api_keys(value: str | None) -> tuple[str, ...]:
         )
     if any(" " in k for k in keys):
         raise ConfigError("MOA_API_KEYS: a key contains a space; separate keys with commas")
+    for number, key in enumerate(keys, start=1):
+        problem = check_key(key)
+        if problem is not None:  # said without the key
+            raise ConfigError(f"MOA_API_KEYS: key {number} cannot be a key: {problem}")
     return keys
 
 
@@ -186,8 +246,27 @@ class ClientGone(Exception):
     """The client hung up before its request body had arrived."""
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, or ApiError(413) once it passes `limit` bytes."""
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, within: float | None = DEFAULT_BODY_TIMEOUT_S
+) -> bytes:
+    """The whole request body, or ApiError(413) once it passes `limit` bytes, or ApiError(408)
+    if it has not all arrived within `within` seconds (a client trickling it in holds a
+    connection and a request task for as long as it likes otherwise)."""
+    if within is None:
+        return await _read_body(scope, receive, limit)
+    try:
+        async with asyncio.timeout(within):
+            return await _read_body(scope, receive, limit)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {within:g} s (moa serve --body-timeout)",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     declared = _content_length(scope)
     too_large = ApiError(
         413,

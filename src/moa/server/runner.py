@@ -32,6 +32,12 @@ from moa.server.app import (
     create_app,
     server_state,
 )
+from moa.server.connections import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CLIENT_CONNECTIONS,
+    limited_protocol,
+)
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD_S",
@@ -143,6 +149,8 @@ def build_server(
     grace_period: float = DEFAULT_GRACE_PERIOD_S,
     log_level: str = "info",
     on_started: Callable[[str], None] | None = None,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+    max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS,
 ) -> MoAServer:
     config = uvicorn.Config(
         app,
@@ -155,6 +163,9 @@ def build_server(
         # Typed as int by uvicorn, but it is only ever a timeout: fractions work (tests use them).
         timeout_graceful_shutdown=max(grace_period, 0.001),  # type: ignore[arg-type]
         server_header=False,
+        http=limited_protocol(
+            header_timeout=header_timeout, max_client_connections=max_client_connections
+        ),
     )
     return MoAServer(config, app, on_started)
 
@@ -175,6 +186,9 @@ def serve(
     metrics: bool = False,
     metrics_public: bool = False,
     cors_origins: Iterable[str] = (),
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+    max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS,
 ) -> None:
     """Serve until SIGTERM / SIGINT, in the foreground. Takes ownership of the pipelines."""
     keys = tuple(api_keys)
@@ -189,10 +203,17 @@ def serve(
         metrics=metrics,
         metrics_public=metrics_public,
         cors_origins=cors_origins,
+        body_timeout=body_timeout,
     )
     redact_server_logs()
     server = build_server(
-        app, host=host, port=port, grace_period=grace_period, on_started=on_started
+        app,
+        host=host,
+        port=port,
+        grace_period=grace_period,
+        on_started=on_started,
+        header_timeout=header_timeout,
+        max_client_connections=max_client_connections,
     )
     # Everything loaded so far (modules, pipelines, SDK types) lives as long as the server:
     # kept out of the collector's reach, full collections stay short and do not stall streams.
@@ -224,9 +245,17 @@ class BackgroundServer:
         port: int = 0,
         grace_period: float = 5.0,
         log_level: str = "warning",
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+        max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS,
     ) -> None:
         self.server = build_server(
-            app, host=host, port=port, grace_period=grace_period, log_level=log_level
+            app,
+            host=host,
+            port=port,
+            grace_period=grace_period,
+            log_level=log_level,
+            header_timeout=header_timeout,
+            max_client_connections=max_client_connections,
         )
         self._thread: threading.Thread | None = None
 

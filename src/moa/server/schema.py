@@ -18,8 +18,10 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from moa._text import find_unencodable
 from moa.providers.base import ChatMessage
 from moa.server.errors import ApiError
+from moa.server.guards import REDIRECT_FIELDS, redirect_field
 from moa.server.messages import check_conversation, parse_message
 from moa.server.params import SamplingRequest
 
@@ -31,23 +33,6 @@ __all__ = [
     "refuse_redirects",
     "schema_error",
 ]
-
-#: Fields some proxies accept to re-target or re-key the upstream call. Compared after
-#: lower-casing and turning "-" into "_", so `API-Key` is caught too.
-REDIRECT_FIELDS = frozenset(
-    {
-        "base_url",
-        "api_base",
-        "api_key",
-        "api_version",
-        "api_type",
-        "azure_endpoint",
-        "organization",
-        "headers",
-        "extra_headers",
-        "default_headers",
-    }
-)
 
 _MAX_MODEL_NAME = 256
 
@@ -107,8 +92,21 @@ def decode_body(body: bytes, what: str) -> dict[str, Any]:
             f"the request body is not valid JSON ({error}); send a JSON object",
             code="invalid_json",
         ) from None
+    except RecursionError:
+        raise ApiError(
+            400, f"the request body is nested too deeply; send {what}", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise _bad(f"the request body must be a JSON object, got a JSON {type(data).__name__}")
+    unencodable = find_unencodable(data)
+    if unencodable is not None:
+        where, problem = unencodable
+        raise _bad(
+            f"{where}: the text has {problem}, which cannot be encoded as UTF-8 (a cut emoji?): "
+            "fix or remove it",
+            where,
+            code="invalid_text",
+        )
     return data
 
 
@@ -117,15 +115,17 @@ def _no_constants(name: str) -> Any:
 
 
 def refuse_redirects(data: Mapping[str, Any]) -> None:
-    for key in data:
-        if key.lower().replace("-", "_") in REDIRECT_FIELDS:
-            raise ApiError(
-                400,
-                f"{key}: this server decides where upstream calls go and which keys they use; "
-                "remove this field from the request",
-                param=key,
-                code="forbidden_parameter",
-            )
+    """A 400 for any field that would re-target or re-key upstream calls, in any spelling:
+    see `moa.server.guards.redirect_field`."""
+    key = redirect_field(data)
+    if key is not None:
+        raise ApiError(
+            400,
+            f"{key}: this server decides where upstream calls go and which keys they use; "
+            "remove this field from the request",
+            param=key,
+            code="forbidden_parameter",
+        )
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
