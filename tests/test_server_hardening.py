@@ -214,7 +214,19 @@ def test_a_percent_encoded_key_in_a_query_string_is_redacted_from_the_access_log
     fake: FakeOpenAIServer, tmp_path: Path, start_serve: Callable[..., ServeProcess]
 ) -> None:
     config = write_config(tmp_path / "moa.yaml", fake)
-    server = start_serve("serve", "--config", str(config), env={"MOA_API_KEYS": CLIENT_KEYS[0]})
+    server = start_serve(
+        "serve",
+        "--config",
+        str(config),
+        # The limits are options of the command; documented values, set explicitly here.
+        "--header-timeout",
+        "10",
+        "--body-timeout",
+        "30",
+        "--max-client-connections",
+        "256",
+        env={"MOA_API_KEYS": CLIENT_KEYS[0]},
+    )
     key = CLIENT_KEYS[0]
     every_byte = "".join(f"%{b:02X}" for b in key.encode())
     for query in (f"api_key={every_byte}", f"k={quote(key, safe='')}x", f"t={every_byte.lower()}"):
