@@ -318,3 +318,33 @@ def test_one_client_holds_at_most_max_client_connections(make_config: ConfigMake
         wait_until(lambda: post(server, request()).status_code == 200)
         for sock in held:
             sock.close()
+
+
+# --- 3. a key's head never reaches API clients -----------------------------------------------
+
+
+def test_a_clipped_upstream_error_never_hands_part_of_the_key_to_clients(
+    fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-upstream-3e9b1c7d5a2f4e6081b9c3d5"
+    monkeypatch.setenv("MOA_TEST_UPSTREAM_KEY", key)
+    config = parse_config(
+        {
+            "providers": {
+                "fake": {"base_url": fake.base_url, "api_key_env": "MOA_TEST_UPSTREAM_KEY"}
+            },
+            **NO_RETRY,
+        }
+    )
+    echo = json.dumps({"error": {"message": "x" * 471 + " " + key}})  # cut at 500 characters
+    with BackgroundServer(create_app(open_pipelines(config))) as server:
+        for _ in range(2):
+            fake.script("p1", Reply(status=401, body=echo))
+            fake.script("p2", Reply(status=401, body=echo))
+        failed = post(server, request())
+        assert failed.status_code == 502 and "HTTP 401" in failed.text
+        with httpx2.stream("POST", f"{server.url}{CHAT}", json=request(stream=True)) as response:
+            events = "\n".join(response.iter_lines())
+        assert "HTTP 401" in events
+    for text in (failed.text, events):
+        assert key[:8] not in text and key[10:18] not in text
