@@ -37,6 +37,7 @@ from moa.results import AgentTextDelta, Done, TextDelta, event_to_dict
 from moa.server.chat import EventSender, run_error, run_unless_disconnected, with_answer_settings
 from moa.server.guards import Slot, read_body
 from moa.server.schema import parse_chat_request
+from moa.server.shutdown import ResponseTracker, answer_cut_short
 
 if TYPE_CHECKING:
     from moa.server.app import ServerState
@@ -64,7 +65,7 @@ def pipeline_shape(moa: MoA) -> dict[str, Any]:
 async def start_run(request: Request) -> EventRun:
     """The route: the same checks and limits as a chat completion, then the event stream."""
     state: ServerState = request.app.state.moa
-    body = await read_body(request.scope, request.receive, state.max_body_bytes)
+    body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
     chat, messages = parse_chat_request(body)
     moa = with_answer_settings(state.pipeline(chat.model), chat)
     if state.metrics is not None:  # the page's runs count like any other
@@ -88,9 +89,12 @@ class EventRun:
         self._started = time.monotonic()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tracked = ResponseTracker(send)
         try:
-            if await run_unless_disconnected(self._stream(send), receive):
+            if await run_unless_disconnected(self._stream(tracked), receive):
                 log.info("%s: the client hung up; its run was cancelled", self.id)
+        except asyncio.CancelledError:  # the end of the shutdown grace period: see ChatRun
+            await answer_cut_short(scope, tracked, self.id)
         finally:
             self.slot.release()
 
