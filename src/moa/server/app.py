@@ -33,8 +33,8 @@ from moa import tracing
 from moa.engine import MoA, close_providers
 from moa.server.chat import ChatRun, with_answer_settings
 from moa.server.completions import completions_endpoint
-from moa.server.cors import cors_middleware
 from moa.server.connections import DEFAULT_BODY_TIMEOUT_S
+from moa.server.cors import cors_middleware
 from moa.server.errors import SERVER_ERROR, ApiError, json_response
 from moa.server.events import start_run
 from moa.server.guards import (

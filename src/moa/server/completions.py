@@ -89,7 +89,7 @@ def _refuse_unsupported(request: CompletionRequest) -> None:
 
 async def completions_endpoint(request: Request) -> Response | CompletionRun:
     state: ServerState = request.app.state.moa
-    body = await read_body(request.scope, request.receive, state.max_body_bytes)
+    body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
     parsed, messages = parse_completion_request(body)
     moa = with_settings(state.pipeline(parsed.model), parsed.answer_settings())
     slot = state.slots.take()

@@ -165,7 +165,7 @@ def _conversation(request: ResponsesRequest) -> list[ChatMessage]:
 
 async def responses_endpoint(request: Request) -> Response | ResponsesRun:
     state: ServerState = request.app.state.moa
-    body = await read_body(request.scope, request.receive, state.max_body_bytes)
+    body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
     parsed, messages = parse_responses_request(body)
     settings = AnswerSettings(
         temperature=parsed.temperature, top_p=parsed.top_p, max_tokens=parsed.max_output_tokens
