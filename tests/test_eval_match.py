@@ -63,6 +63,8 @@ ROWS = {
         ("7 + 5 = 12", ["12"], "What is 7 + 5?", True),  # the question's numbers are skipped
         ("7 + 5 = 13", ["12"], "What is 7 + 5?", False),
         ("There are 120 minutes in 2 hours.", ["120"], "How many minutes are in 2 hours?", True),
+        ("3 minutes is 3 * 60 = 180 seconds.", ["180"], "How many seconds in 3 minutes?", True),
+        ("1 hour = 3600 seconds.", ["3600"], "How many seconds are in an hour?", True),
         ("A spider has eight legs.", ["8"], "How many legs does a spider have?", True),
         ("January has thirty-one days.", ["31"], "", True),
         ("It is 1,000 meters.", ["1000"], "", True),

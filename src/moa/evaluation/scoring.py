@@ -4,10 +4,11 @@ Three rules, and `auto` choosing between them per accepted answer:
 
 - `exact`: the whole output, normalised, equals an accepted answer, normalised.
 - `numeric`: the output's answer number equals an accepted number. The answer number is the
-  first number in the output that the question does not itself state (so "2 hours is 120
-  minutes" answers 120, and "7 + 5 = 12" answers 12); when every number in the output is
-  one of the question's, the last one. Digits, thousands separators ("1,000") and number
-  words up to the tens ("eight", "thirty") are read.
+  last number in the output that the question does not itself state, as worked answers end
+  on their result ("3 minutes is 3 × 60 = 180 seconds" answers 180, and "120 minutes in 2
+  hours" answers 120); when every number in the output is one of the question's, the last
+  one. Digits, thousands separators ("1,000") and number words up to the tens ("eight",
+  "thirty") are read.
 - `contains`: an accepted answer appears in the output as whole words ("Paris" in "It is
   Paris.", not "Parisian"). An output listing several guesses gets credit if one is right:
   look at tokens per answer beside accuracy to see that happen.
@@ -95,7 +96,7 @@ def answer_number(output: str, question: str = "") -> float | None:
         return None
     given = set(numbers_in(question))
     fresh = [n for n in found if n not in given]
-    return fresh[0] if fresh else found[-1]
+    return fresh[-1] if fresh else found[-1]
 
 
 def _contains(output: str, accepted: str) -> bool:
