@@ -31,7 +31,7 @@ def _partial_answer(body: dict[str, Any]) -> str:
     return ""
 
 
-def _writer(*, repeat_tail: bool = False):  # type: ignore[no-untyped-def]
+def _writer(*, repeat_tail: bool = False, delay: float = 0.05):  # type: ignore[no-untyped-def]
     """An aggregator that writes TARGET, continuing from whatever answer it is given, about
     four characters per token, so a step usually ends inside a word. With `repeat_tail` it
     behaves like a chat model asked to go on: it repeats the end of the answer first and
@@ -46,7 +46,7 @@ def _writer(*, repeat_tail: bool = False):  # type: ignore[no-untyped-def]
         if repeat_tail and partial:
             piece = partial[-12:] + piece.lstrip()
         # As slow as a real model, so that the steps overlap the proposers' streams.
-        return Reply(text=piece, finish_reason="stop" if done else "length", chunk_delay=0.05)
+        return Reply(text=piece, finish_reason="stop" if done else "length", chunk_delay=delay)
 
     return respond
 
@@ -228,3 +228,33 @@ def test_bad_staircase_settings_are_one_clear_line(fake: FakeOpenAIServer) -> No
                 "layers": 1,
             }
         )
+
+
+def test_a_hung_proposer_is_not_waited_for_and_is_cut_once_the_others_are_done(
+    fake: FakeOpenAIServer,
+) -> None:
+    # p1 and p2 write for 3 s; the cut-off stops the wait for first text at 1.3 s; p3 starts
+    # writing at 1.85 s, before the others are done; the hung one never does.
+    fake.script("p1", Reply(text=P1, chunk_delay=0.3))
+    fake.script("p2", Reply(text=P2, chunk_delay=0.3))
+    fake.script("p3", Reply(latency=1.8, text="A late but healthy start.", chunk_delay=0.05))
+    fake.script("hung", Reply(hang=60))
+    fake.respond("agg", _writer(delay=0.15))
+    config = _config(
+        fake,
+        continuation="prefill",
+        proposers=[{"model": m} for m in ("p1", "p2", "p3", "hung")],
+    )
+    events = _stream(config)
+    done = events[-1]
+    assert isinstance(done, Done) and done.result.output == TARGET
+    p1, p2, p3, hung = done.result.layers[0].agents
+    assert (p1.status, p2.status, p3.status) == ("ok", "ok", "ok")  # a slow start is not cut
+    assert hung.status == "cancelled" and "straggler" in (hung.error or "")
+    # The aggregator started without waiting for the silent ones.
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    p3_text = next(
+        i for i, e in enumerate(events) if isinstance(e, AgentTextDelta) and e.index == 2
+    )
+    assert first_text < p3_text
+    assert "A late but healthy start." in fake.requests_for("agg")[-1].text

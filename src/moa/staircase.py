@@ -131,7 +131,8 @@ class _Proposers:
 
     async def first_chunks(self) -> None:
         """Wait until every proposer still running has sent text. With the straggler cut-off
-        on, the slow starters are cut as in any layer, measured on their first text."""
+        on, the aggregator stops waiting for slow starters at the cut-off's time, measured on
+        first text; they go on, and join the steps once they write (see `cut_silent`)."""
         layer = self.layer
         deadline = None if layer.timeout is None else self.started + layer.timeout
         enough = max(layer.min_ok, (len(self.tasks) + 1) // 2)
@@ -150,19 +151,30 @@ class _Proposers:
                 straggle = self.started + layer.cutoff.after(median)
                 cut_at = straggle if cut_at is None else min(cut_at, straggle)
             if cut_at is not None and self.loop.time() >= cut_at:
-                await self.cancel(waiting, self._why(deadline))
+                if deadline is not None and self.loop.time() >= deadline:
+                    await self.cancel(waiting, self._why(deadline))
                 return
             self.changed.clear()
             timeout = None if cut_at is None else cut_at - self.loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), timeout)
 
+    async def cut_silent(self) -> None:
+        """With the cut-off on: once every proposer that wrote anything has finished, the ones
+        still silent are stragglers (hung, or far behind), and the last step would wait for
+        them. Cut them, as a layer cuts its stragglers."""
+        if self.layer.cutoff is None or not any(r.ok for r in self.results.values()):
+            return
+        running = self.running()
+        if running and all(i not in self.first and i not in self._uncuttable for i in running):
+            await self.cancel(running, self._why(None))
+
     def _why(self, deadline: float | None) -> str:
         if deadline is not None and self.loop.time() >= deadline:
             return f"cancelled at the layer deadline ({self.layer.timeout:g} s)"
         return (
-            f"cut off as a straggler: no text after {self.loop.time() - self.started:.1f} s "
-            "while the others were streaming (set wait: all to wait for every agent)"
+            f"cut off as a straggler: no text after {self.loop.time() - self.started:.1f} s, "
+            "when the others had finished (set wait: all to wait for every agent)"
         )
 
     async def cancel(self, indices: Sequence[int], why: str) -> None:
@@ -264,6 +276,7 @@ async def run_staircase(
             produced = 0
             while True:
                 proposers.settle()
+                await proposers.cut_silent()
                 if proposers.deadline_passed():
                     await proposers.cancel(proposers.running(), proposers._why(0.0))
                 last = not proposers.running()
