@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
+import yarl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,7 +139,7 @@ def _check_sane(config: Any) -> None:
         if provider.tpm is not None:
             assert 1 <= provider.tpm <= 1e12
         if provider.base_url:
-            httpx2.URL(provider.base_url)  # what the HTTP client will make of it
+            yarl.URL(provider.base_url)  # what the HTTP client (aiohttp) will make of it
 
 
 def _build(data: dict[str, Any]) -> None:

@@ -210,6 +210,19 @@ def test_ordinary_addresses_are_accepted(url: str) -> None:
     parse_config({"providers": {"x": {"base_url": url}}, "layers": 1, "aggregator": {"model": "m"}})
 
 
+@pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3.256", "api.0x1f"])
+def test_a_host_ending_in_a_number_must_be_a_valid_address(host: str) -> None:
+    """URL parsers read these as (broken) IPv4 addresses, so no request could ever go out."""
+    with pytest.raises(ConfigError, match="neither a host name nor a valid IPv4 address"):
+        parse_config(
+            {
+                "providers": {"x": {"base_url": f"http://{host}/v1"}},
+                "layers": 1,
+                "aggregator": {"model": "m"},
+            }
+        )
+
+
 # --- 9. sibling failures leave no unretrieved task exception -------------------------------
 
 

@@ -195,6 +195,17 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         try:
             packed = socket.inet_aton(host)
         except (OSError, ValueError):
+            # A host whose last label is a number is an address to URL parsers (the WHATWG "ends
+            # in a number" rule): 999.1.1.1 is a broken address, not a name.
+            last = host.rsplit(".", 1)[-1].lower()
+            hex_digits = last[2:]
+            if last.isdigit() or (
+                last.startswith("0x") and all(c in "0123456789abcdef" for c in hex_digits)
+            ):
+                raise ValueError(
+                    f"the host {host!r} is neither a host name nor a valid IPv4 address "
+                    "(four decimal numbers from 0 to 255)"
+                ) from None
             return None
         raise ValueError(
             f"the host {host!r} is an IPv4 address in a form that programs read differently; "
