@@ -5,6 +5,10 @@ store.py     the append-only, fsynced, lockable output that runs resume from
 runner.py    rows concurrently through the pipeline, each saved as it ends
 export.py    AlpacaEval and MT-Bench (FastChat) answer files
 progress.py  the bar on a terminal, periodic lines elsewhere
+distributed.py  what the multi-process engines share: the job, a row worker, the ledger
+shared_limits.py  provider limits held once for every worker (the Gatekeeper)
+workers.py   --workers N: worker processes on this machine
+ray_engine.py  --engine ray: the workers as Ray actors
 """
 
 from moa.batch.rows import InputError, Row, load_rows

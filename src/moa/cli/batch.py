@@ -28,6 +28,7 @@ from moa.batch.progress import BatchStats, make_progress
 from moa.batch.rows import Row, load_rows
 from moa.batch.runner import pipeline_fingerprint, run_batch
 from moa.batch.store import OutputStore
+from moa.cli.batch_scale import Engine, run_scaled
 from moa.cli.options import environment, load_selected, pipeline_options
 from moa.config import ConfigFile, Pipeline, resolve_pipeline
 from moa.engine import MoA, open_pipelines
@@ -99,6 +100,26 @@ class BatchIncomplete(MoAError):
     show_default=True,
     help="Seconds between progress lines when stderr is not a terminal.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes (with --engine ray: Ray actors) running the rows. One writer keeps "
+    "the output exactly-once; provider limits and the cache are shared by all of them.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where workers run: processes on this machine, or a Ray cluster (extra [ray]).",
+)
+@click.option(
+    "--ray-address",
+    help="With --engine ray: the cluster to join ('auto' inside `ray job submit`); "
+    "default: start a local one.",
+)
 def command(
     input_path: Path,
     output_path: Path,
@@ -114,6 +135,9 @@ def command(
     cache_path: Path | None,
     no_cache: bool,
     progress_interval: float,
+    workers: int,
+    engine: Engine,
+    ray_address: str | None,
 ) -> None:
     """Run a pipeline over every row of INPUT (JSONL or a JSON list), saving each to OUT.
 
@@ -135,6 +159,9 @@ def command(
     _refuse_same_file(input_path, output_path, export_path)
     if export_path is not None:
         check_export_path(export_path)
+    if ray_address is not None and engine != "ray":
+        raise click.UsageError("--ray-address needs --engine ray")
+    scale = None if workers == 1 and engine == "local" else (workers, engine, ray_address)
 
     stats = asyncio.run(
         _run(
@@ -150,6 +177,8 @@ def command(
             progress_interval=progress_interval,
             fmt=fmt,
             export_path=export_path,
+            scale=scale,
+            input_path=input_path,
         )
     )
     unfinished = stats.total - stats.skipped - stats.succeeded
@@ -174,6 +203,8 @@ async def _run(
     progress_interval: float,
     fmt: ExportFormat | None,
     export_path: Path | None,
+    scale: tuple[int, Engine, str | None] | None = None,
+    input_path: Path | None = None,
 ) -> BatchStats:
     fingerprint = pipeline_fingerprint(_chosen_pipeline(config, pipeline))
     store = OutputStore.open(output_path)
@@ -185,6 +216,23 @@ async def _run(
         if stats.to_run == 0:
             click.echo(
                 f"batch: all {stats.total} rows are already finished in {output_path}", err=True
+            )
+        elif scale is not None and input_path is not None:
+            await run_scaled(
+                rows,
+                input_path,
+                store,
+                stats,
+                config=config,
+                pipeline=pipeline,
+                env=environment(config, env_file),
+                concurrency=concurrency,
+                generator=generator,
+                cache_path=cache_path,
+                progress_interval=progress_interval,
+                workers=scale[0],
+                engine=scale[1],
+                ray_address=scale[2],
             )
         else:
             await _run_pending(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -108,6 +110,14 @@ _MIB = 1024 * 1024
     help="Connections one client address may hold at once; more get 429. 0: no cap (behind "
     "a proxy that makes every client one address).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port, to use more than one core. --max-concurrency and "
+    "the providers' limits apply per worker.",
+)
 def command(
     config_path: Path | None,
     preset: str | None,
@@ -125,6 +135,7 @@ def command(
     header_timeout: float,
     body_timeout: float,
     max_client_connections: int,
+    workers: int,
 ) -> None:
     """Serve MoA pipelines as models of an OpenAI-compatible API at http://HOST:PORT/v1.
 
@@ -158,7 +169,13 @@ def command(
         if not no_ui:
             click.echo(f"web page: {url}/")
 
-    serve(
+    if workers > 1:
+        from moa.server.workers import serve_workers
+
+        run: Any = partial(serve_workers, workers=workers)
+    else:
+        run = serve
+    run(
         pipelines,
         host=host,
         port=port,

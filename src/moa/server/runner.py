@@ -13,6 +13,7 @@ import asyncio
 import gc
 import ipaddress
 import logging
+import socket
 import sys
 import threading
 import time
@@ -189,8 +190,11 @@ def serve(
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
     max_client_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS,
+    sockets: list[socket.socket] | None = None,
 ) -> None:
-    """Serve until SIGTERM / SIGINT, in the foreground. Takes ownership of the pipelines."""
+    """Serve until SIGTERM / SIGINT, in the foreground. Takes ownership of the pipelines.
+
+    `sockets`: listen on these already bound sockets (the workers of `moa serve --workers`)."""
     keys = tuple(api_keys)
     check_exposure(host, keys, allow_unauthenticated)
     app = create_app(
@@ -219,7 +223,7 @@ def serve(
     # kept out of the collector's reach, full collections stay short and do not stall streams.
     gc.freeze()
     try:
-        server.run()
+        server.run(sockets=sockets)
     except SystemExit as stopped:
         if server.started:
             raise

@@ -1,0 +1,189 @@
+"""What every multi-process engine of `moa batch` shares: the job, the worker, the ledger.
+
+    driver (one process)                              workers (processes or Ray actors)
+    RowLedger: rows waiting / held by each worker ─► RowWorker.run(row): the pipeline, the
+      the one OutputStore writer, stats, progress ◄─   shared cache, SharedLimitsProvider
+    Gatekeeper: every provider's limits         ◄──── admit / finish per upstream call
+
+Exactly-once: only the driver writes, a row is written when its first result arrives and
+never again (a late duplicate from a worker presumed dead is dropped), and the rows a dead
+worker held go back to the front of the queue. The output stays the fsynced append-only file
+of a single-process run, so `kill -9` of the driver resumes the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moa.batch.progress import BatchStats, ProgressView
+from moa.batch.rows import Row
+from moa.batch.shared_limits import (
+    Admit,
+    Finish,
+    SharedLimitsProvider,
+    limited_providers,
+    unwrap_local_limits,
+)
+from moa.batch.store import OutputStore
+from moa.config import ConfigFile
+from moa.env import Environment
+from moa.errors import ConfigError
+from moa.pricing import Cost
+from moa.providers.base import Provider
+from moa.providers.cache import CachedProvider, CacheStats, CallCache, cache_base_url
+from moa.results import Usage
+
+__all__ = ["Job", "RowDone", "RowLedger", "RowWorker"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs to build the same pipeline as the driver (picklable)."""
+
+    config: ConfigFile
+    pipeline: str | None
+    #: Environment variables the workers see: the driver's (with the .env file applied).
+    env: dict[str, str]
+    generator: str
+    cache_path: Path | None
+    #: Rows run at once in each worker.
+    concurrency: int
+
+
+@dataclass(frozen=True, slots=True)
+class RowDone:
+    """A finished row as a worker sends it back: the output line and the figures for stats."""
+
+    index: int
+    record: dict[str, Any]
+    ok: bool
+    usage: Usage
+    cost: Cost
+    #: The worker's cache counters so far (its totals, not a delta).
+    cache: tuple[int, int, int] | None = None
+
+
+class RowWorker:
+    """Runs rows of a Job in one process: the pipeline, the shared cache, shared limits."""
+
+    def __init__(self, job: Job, admit: Admit, finish: Finish) -> None:
+        from moa.batch.runner import pipeline_fingerprint
+        from moa.engine import MoA, open_pipelines
+
+        self.job = job
+        pipelines = open_pipelines(
+            job.config, env=Environment(job.env), only=[job.pipeline] if job.pipeline else None
+        )
+        if len(pipelines) > 1:
+            raise ConfigError(
+                f"the config defines pipelines {', '.join(pipelines)}: name one with --pipeline"
+            )
+        base = next(iter(pipelines.values()))
+        limits = limited_providers(job.config.providers)
+        self.cache = CallCache(job.cache_path) if job.cache_path is not None else None
+        providers: dict[str, Provider] = {}
+        for name, provider in base.providers.items():
+            inner = unwrap_local_limits(provider)
+            if name in limits:
+                inner = SharedLimitsProvider(inner, limits[name], admit, finish)
+            if self.cache is not None:
+                base_url = cache_base_url(job.config.providers[name])
+                inner = CachedProvider(inner, self.cache, base_url=base_url)
+            providers[name] = inner
+        self.moa = MoA(base.pipeline, providers, name=job.generator, owns_providers=True)
+        self.pipeline_id = pipeline_fingerprint(base.pipeline)
+
+    async def run(self, index: int, row: Row) -> RowDone:
+        from moa.batch.runner import row_record, run_row
+
+        outcome = await run_row(self.moa, row)
+        record = row_record(
+            outcome, generator=self.job.generator, pipeline_id=self.pipeline_id, moa=self.moa
+        )
+        stats = self.cache.stats if self.cache is not None else None
+        counters = (stats.hits, stats.misses, stats.writes) if stats is not None else None
+        return RowDone(index, record, outcome.ok, outcome.usage, outcome.cost, counters)
+
+    async def aclose(self) -> None:
+        await self.moa.aclose()
+        if self.cache is not None:
+            self.cache.close()
+
+
+@dataclass
+class RowLedger:
+    """The driver's account of a batch: rows waiting, rows each worker holds, rows written."""
+
+    rows: Sequence[Row]
+    store: OutputStore
+    stats: BatchStats
+    progress: ProgressView
+    waiting: deque[int] = field(default_factory=deque)
+    held: dict[str, set[int]] = field(default_factory=dict)
+    #: Rows re-queued because the worker holding them died.
+    requeued: int = 0
+    #: Rows written by this run (failed ones included): never written twice.
+    written: set[int] = field(default_factory=set)
+    _cache: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.waiting.extend(
+            i for i, row in enumerate(self.rows) if row.key not in self.store.finished
+        )
+        self.stats.started = time.monotonic()
+        if self.stats.cache is None:
+            self.stats.cache = CacheStats()
+
+    @property
+    def finished(self) -> bool:
+        return not self.waiting and not any(self.held.values())
+
+    def take(self, worker: str) -> int | None:
+        """The next row for `worker`, or None when none is waiting."""
+        if not self.waiting:
+            return None
+        index = self.waiting.popleft()
+        self.held.setdefault(worker, set()).add(index)
+        return index
+
+    async def done(self, worker: str, done: RowDone) -> None:
+        """Write a finished row, unless it was already written (then the duplicate is dropped)."""
+        self.held.get(worker, set()).discard(done.index)
+        if done.index in self.written:
+            return
+        self.written.add(done.index)
+        await self.store.append(done.record)
+        stats = self.stats
+        stats.usage = stats.usage + done.usage
+        stats.cost = stats.cost + done.cost
+        if done.ok:
+            stats.succeeded += 1
+        else:
+            stats.failed += 1
+        if done.cache is not None and stats.cache is not None:
+            self._cache[worker] = done.cache
+            totals = [sum(c[i] for c in self._cache.values()) for i in range(3)]
+            stats.cache.hits, stats.cache.misses, stats.cache.writes = totals
+        self.progress.update(stats)
+
+    def give_back(self, worker: str, index: int) -> bool:
+        """One row whose worker died before answering goes back to the front of the queue."""
+        self.held.get(worker, set()).discard(index)
+        if index in self.written:
+            return False
+        self.waiting.appendleft(index)
+        self.requeued += 1
+        return True
+
+    def lost(self, worker: str) -> int:
+        """A worker died: its rows go back to the front of the queue. Returns how many."""
+        rows = sorted(self.held.pop(worker, set()))
+        unwritten = [i for i in rows if i not in self.written]
+        self.waiting.extendleft(reversed(unwritten))
+        self.requeued += len(unwritten)
+        return len(unwritten)

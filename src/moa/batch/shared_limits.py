@@ -1,0 +1,213 @@
+"""Provider rate limits held once for a whole batch that runs in several processes or nodes.
+
+    worker process / Ray actor                    the one Gatekeeper (driver / Ray actor)
+    SharedLimitsProvider ─ admit(provider, tokens) ─► LimitGate: slot, rpm, tpm, 429 pause
+         │  upstream call                                 │
+         └──────────── finish(lease, used, 429?) ────────►┘ slot freed, tokens settled
+
+The gates are the same parts as `moa.providers.limits.RateLimitedProvider` (slots, token
+buckets, the slow-down after a 429), kept in one place instead of one copy per worker, so
+`max_concurrency: 64` means 64 calls in flight across every worker and a 429 seen by one worker
+slows them all. The Gatekeeper does not care how it is reached: `moa.batch.workers` calls it
+over a local socket, `moa.batch.ray_engine` from a Ray actor. A worker that dies holding leases
+has them released by `release_worker`, so its slots are not lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from moa.config import ProviderConfig
+from moa.errors import RateLimited
+from moa.providers.base import (
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    Provider,
+    StreamChunk,
+    close_stream,
+)
+from moa.providers.limits import DEFAULT_RESERVED_OUTPUT, SlowDown, TokenBucket, _Slots
+from moa.providers.limits import RateLimitedProvider as _Local
+
+__all__ = ["Gatekeeper", "LimitGate", "SharedLimitsProvider", "limited_providers"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_concurrency: int | None
+    rpm: float | None
+    tpm: float | None
+
+    @property
+    def any(self) -> bool:
+        return self.max_concurrency is not None or bool(self.rpm) or bool(self.tpm)
+
+
+def limited_providers(configs: Mapping[str, ProviderConfig]) -> dict[str, Limits]:
+    """The providers of a config that have limits, and those limits."""
+    found = {
+        name: Limits(config.max_concurrency, config.rpm, config.tpm)
+        for name, config in configs.items()
+    }
+    return {name: limits for name, limits in found.items() if limits.any}
+
+
+class LimitGate:
+    """One provider's limits: what RateLimitedProvider._admitted does, split in two halves."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.slow_down = SlowDown()
+        self._slots = _Slots(self._concurrency_now) if limits.max_concurrency else None
+        self._requests = TokenBucket(limits.rpm / 60, self.slow_down) if limits.rpm else None
+        self._tokens = TokenBucket(limits.tpm / 60, self.slow_down) if limits.tpm else None
+
+    def _concurrency_now(self) -> int:
+        assert self.limits.max_concurrency is not None
+        return max(1, math.ceil(self.limits.max_concurrency * self.slow_down.factor()))
+
+    async def admit(self, tokens: int) -> None:
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            if self._requests is not None:
+                await self._requests.take(1)
+            if self._tokens is not None:
+                await self._tokens.take(tokens)
+            await self.slow_down.wait()  # a 429 may have arrived while we queued
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+
+    def finish(
+        self, tokens: int, used: int | None, retry_after: float | None, limited: bool
+    ) -> None:
+        if limited:
+            self.slow_down.rate_limited(retry_after)
+        else:
+            self.slow_down.succeeded()
+        if self._tokens is not None and used is not None:
+            self._tokens.adjust(tokens - used)
+        if self._slots is not None:
+            self._slots.release()
+
+
+class Gatekeeper:
+    """Every limited provider's gate, and the leases each worker holds."""
+
+    def __init__(self, limits: Mapping[str, Limits]) -> None:
+        self._gates = {name: LimitGate(value) for name, value in limits.items()}
+        self._leases: dict[int, tuple[str, str, int]] = {}  # id: (worker, provider, tokens)
+        self._ids = itertools.count(1)
+        self._incarnations: dict[str, str] = {}
+        #: Most leases held at once per provider: what tests check the limits against.
+        self.peak: dict[str, int] = dict.fromkeys(self._gates, 0)
+
+    async def admit(self, worker: str, provider: str, tokens: int) -> int:
+        await self._gates[provider].admit(tokens)
+        lease = next(self._ids)
+        self._leases[lease] = (worker, provider, tokens)
+        held = sum(1 for _, name, _ in self._leases.values() if name == provider)
+        self.peak[provider] = max(self.peak[provider], held)
+        return lease
+
+    def finish(
+        self, lease: int, used: int | None, retry_after: float | None = None, limited: bool = False
+    ) -> None:
+        held = self._leases.pop(lease, None)
+        if held is not None:  # already released with its dead worker otherwise
+            _, provider, tokens = held
+            self._gates[provider].finish(tokens, used, retry_after, limited)
+
+    def register(self, name: str, incarnation: str) -> int:
+        """A worker called `name` (re)started as `incarnation`: the leases of the one it
+        replaces (a crashed process that a cluster restarted) are released. Returns how many."""
+        previous = self._incarnations.get(name)
+        self._incarnations[name] = incarnation
+        return self.release_worker(previous) if previous and previous != incarnation else 0
+
+    def release_worker(self, worker: str) -> int:
+        """Free the leases of a worker that died mid-call; returns how many there were."""
+        mine = [lease for lease, (owner, _, _) in self._leases.items() if owner == worker]
+        for lease in mine:
+            self.finish(lease, None)
+        return len(mine)
+
+
+Admit = Callable[[str, int], Awaitable[int]]
+Finish = Callable[[int, int | None, float | None, bool], None]
+
+
+class SharedLimitsProvider:
+    """A provider whose calls are admitted by a Gatekeeper elsewhere; the protocol is unchanged.
+
+    `admit(provider, tokens)` waits for a lease; `finish(lease, used, retry_after, limited)`
+    returns it. Both are whatever reaches the Gatekeeper (a socket, a Ray actor handle).
+    """
+
+    def __init__(self, inner: Provider, limits: Limits, admit: Admit, finish: Finish) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._limits = limits
+        self._admit = admit
+        self._finish = finish
+
+    def __repr__(self) -> str:
+        return f"SharedLimitsProvider({self.inner!r})"
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: ChatRequest) -> AsyncIterator[list[int | None]]:
+        tokens = 0
+        if self._limits.tpm:
+            prompt = await self.inner.count_tokens(request.model, request.messages)
+            tokens = prompt + (request.max_tokens or DEFAULT_RESERVED_OUTPUT)
+        lease = await self._admit(self.name, tokens)
+        used: list[int | None] = [None]
+        try:
+            yield used
+        except RateLimited as error:
+            self._finish(lease, used[0], error.retry_after, True)
+            raise
+        except BaseException:
+            self._finish(lease, used[0], None, False)
+            raise
+        else:
+            self._finish(lease, used[0], None, False)
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        async with self._admitted(request) as used:
+            completion = await self.inner.complete(request)
+            if completion.usage is not None:
+                used[0] = completion.usage.total_tokens
+            return completion
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        async with self._admitted(request) as used:
+            chunks = self.inner.stream(request)
+            try:
+                async for chunk in chunks:
+                    if chunk.usage is not None:
+                        used[0] = chunk.usage.total_tokens
+                    yield chunk
+            finally:
+                await close_stream(chunks)
+
+    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
+        return await self.inner.count_tokens(model, messages)
+
+    def context_window(self, model: str) -> int | None:
+        return self.inner.context_window(model)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def unwrap_local_limits(provider: Provider) -> Provider:
+    """The provider under a per-process RateLimitedProvider, which shared limits replace."""
+    return provider.inner if isinstance(provider, _Local) else provider
