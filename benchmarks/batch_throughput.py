@@ -252,6 +252,8 @@ def report(
     cached: Measured | None,
     transport: str,
 ) -> None:
+    if calls == 0:
+        raise SystemExit(f"the batch wrote no rows (exit code {first.exit_code})")
     bound = calls * args.latency / args.concurrency
     print()
     print(

@@ -107,10 +107,16 @@ def test_a_killed_ray_worker_has_its_rows_rerun_and_none_written_twice(
     common = write_inputs(tmp_path, fake, rows)
     out = tmp_path / "out.jsonl"
     args = [*common, "-o", str(out), "-j", "6", "--no-cache", "--workers", "2"]
+    earlier = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     process = start([*args, "--engine", "ray", "--ray-address", cluster])
     try:
         wait_for_lines(out, process, 3)
-        actor = ray.get_actor("row-worker-1", namespace="moa-batch")
+        (name, *_) = sorted(
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("row-worker-") and a["name"] not in earlier
+        )
+        actor = ray.get_actor(name, namespace="moa-batch")
         pid = ray.get(actor.pid.remote())
         os.kill(pid, signal.SIGKILL)  # the worker process dies; Ray restarts the actor
     finally:

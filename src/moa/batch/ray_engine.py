@@ -35,6 +35,8 @@ __all__ = ["GateActor", "RayBatchFailed", "RowActor", "require_ray", "run_on_ray
 
 #: Namespace of the actors, so a test or an operator can find them (`ray.get_actor`).
 NAMESPACE = "moa-batch"
+#: Seconds an actor whose call failed gets no new rows (Ray is restarting it).
+RESTART_PAUSE_S = 1.0
 
 
 def require_ray() -> Any:
@@ -112,24 +114,45 @@ async def run_on_ray(
 
     connected_here = not ray.is_initialized()
     if connected_here:
-        # No address: a local cluster for this run. "auto" or host:port: an existing one.
-        ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+        # No address: a local cluster for this run, with a CPU for every worker (they wait on
+        # the network, so more workers than cores is fine). Else "auto" or host:port.
+        cpus = max(workers, os.cpu_count() or 1) if address is None else None
+        ray.init(
+            address=address,
+            num_cpus=cpus,
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    actors: dict[str, Any] = {}
+    gate: Any = None
+    running: dict[asyncio.Future[Any], tuple[str, int]] = {}
     try:
         ledger = RowLedger(rows, store, stats, progress)
         gate = ray.remote(num_cpus=0, max_concurrency=100_000)(GateActor).remote(
             limited_providers(job.config.providers)
         )
         remote_row_actor = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(RowActor)
-        names = [f"row-worker-{n}" for n in range(1, workers + 1)]
+        # Named, so a test or an operator can find them; unique per run, since the actors of
+        # an earlier run in the same session may still be going away.
+        run = uuid.uuid4().hex[:8]
+        names = [f"row-worker-{run}-{n}" for n in range(1, workers + 1)]
         actors = {
             name: remote_row_actor.options(
                 name=name, namespace=NAMESPACE, max_concurrency=max(2, job.concurrency + 1)
             ).remote(job, gate, name)
             for name in names
         }
-        running: dict[asyncio.Future[Any], tuple[str, int]] = {}
+        give_back_limit = 4 * workers * job.concurrency + 10
+
+        loop = asyncio.get_running_loop()
+        #: An actor whose call failed is left alone for a while: Ray is restarting it, and
+        #: calls to a restarting actor fail at once (they would spin otherwise).
+        resting: dict[str, float] = {}
 
         def hand_out(name: str) -> None:
+            if resting.get(name, 0.0) > loop.time():
+                return
             while len(ledger.held.get(name, ())) < job.concurrency:
                 index = ledger.take(name)
                 if index is None:
@@ -137,10 +160,15 @@ async def run_on_ray(
                 future = asyncio.wrap_future(actors[name].run.remote(index, rows[index]).future())
                 running[future] = (name, index)
 
-        for name in names:
-            hand_out(name)
-        while running:
-            done, _ = await asyncio.wait(list(running), return_when=asyncio.FIRST_COMPLETED)
+        while running or ledger.waiting:
+            for name in names:
+                hand_out(name)
+            if not running:
+                await asyncio.sleep(RESTART_PAUSE_S / 4)
+                continue
+            done, _ = await asyncio.wait(
+                list(running), timeout=RESTART_PAUSE_S, return_when=asyncio.FIRST_COMPLETED
+            )
             for future in done:
                 name, index = running.pop(future)
                 error = future.exception()
@@ -148,13 +176,23 @@ async def run_on_ray(
                     await ledger.done(name, future.result())
                 elif isinstance(error, RayActorError):
                     ledger.give_back(name, index)  # Ray restarts the actor; the row runs again
+                    resting[name] = loop.time() + RESTART_PAUSE_S
+                    # An actor that cannot come back fails every call: stop rather than spin.
+                    if ledger.requeued > give_back_limit:
+                        raise RayBatchFailed(
+                            f"the Ray workers keep dying ({ledger.requeued} rows given back; "
+                            f"last: {error}); rerun the same command to resume"
+                        )
                 else:
                     raise error
-            for name in names:
-                hand_out(name)
         if not ledger.finished:
             raise RayBatchFailed("the Ray workers stopped before every row was run")
         return ledger
     finally:
+        for future in running:  # calls of a failed run: their outcome no longer matters
+            future.cancel()
+        # Gone with this run, not whenever the handles are collected.
+        for actor in [*actors.values(), *([gate] if gate is not None else [])]:
+            ray.kill(actor, no_restart=True)
         if connected_here:
             ray.shutdown()
