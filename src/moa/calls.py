@@ -22,6 +22,7 @@ from moa.continuation import Continuation, continue_messages
 from moa.errors import (
     ContextLengthExceeded,
     ProviderError,
+    ProviderStatusError,
     ProviderTimeout,
     StreamInterrupted,
 )
@@ -34,7 +35,7 @@ from moa.providers.base import (
     StreamChunk,
     close_stream,
 )
-from moa.results import AgentResult, AgentStatus, FailureKind, Usage
+from moa.results import AgentResult, AgentStatus, FailureKind, TokenLogprob, Usage
 from moa.retry import decide_retry
 
 __all__ = ["AgentCall", "call_agent"]
@@ -55,6 +56,12 @@ class AgentCall:
     #: Staircase streaming: the answer so far, to be continued (None: a normal call).
     prefix: str | None = None
     continuation: Continuation = "native"
+    #: Ask for token log-probabilities (and this many alternatives), for a strategy that scores
+    #: answers by them (moa.strategies).
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    #: What the references are introduced with; None: the synthesis instruction.
+    instruction: str | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +83,7 @@ async def _prepare(provider: Provider, call: AgentCall, reference_budget: int | 
             system=agent.system,
             references_in=call.references_in,
             token=token,
+            **({"instruction": call.instruction} if call.instruction else {}),
         )
         if call.prefix is None:
             return messages
@@ -139,6 +147,7 @@ async def _attempt(
 
     finish: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
     try:
         async with asyncio.timeout(agent.timeout):
             try:
@@ -154,6 +163,8 @@ async def _attempt(
                             on_text(chunk.text)
                         finish = chunk.finish_reason or finish
                         usage = chunk.usage or usage
+                        if chunk.logprobs is not None:
+                            logprobs = [*(logprobs or ()), *chunk.logprobs]
             except TimeoutError:
                 raise ProviderTimeout(
                     f"no first token within first_token_timeout={agent.first_token_timeout:g} s",
@@ -166,7 +177,12 @@ async def _attempt(
         if received:
             error = StreamInterrupted(str(error), partial="".join(received), **where)
         raise error from None
-    return Completion(text="".join(received), finish_reason=finish, usage=usage)
+    return Completion(
+        text="".join(received),
+        finish_reason=finish,
+        usage=usage,
+        logprobs=None if logprobs is None else tuple(logprobs),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -203,6 +219,8 @@ async def call_agent(
     reference_budget: int | None = None
     shrunk_for_context = False
     trimmed = False
+    want_logprobs = call.logprobs
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     def result(
         status: AgentStatus,
@@ -223,6 +241,7 @@ async def call_agent(
             attempts=attempts,
             references_trimmed=trimmed,
             failure=failure,
+            logprobs=logprobs,
         )
 
     while True:
@@ -239,6 +258,13 @@ async def call_agent(
             timeout=agent.timeout,
             sample=call.index,
             continue_final=call.prefix is not None and call.continuation == "native",
+            frequency_penalty=agent.frequency_penalty,
+            presence_penalty=agent.presence_penalty,
+            stop=agent.stop,
+            repeat_penalty=agent.repeat_penalty,
+            min_p=agent.min_p,
+            logprobs=want_logprobs,
+            top_logprobs=call.top_logprobs if want_logprobs else None,
         )
         reserved = budget.reserve(prompt.tokens + agent.max_tokens)
         tracing.note_request(request)
@@ -257,6 +283,12 @@ async def call_agent(
                 return result(
                     "failed", output=error.partial, error=error.describe(), failure="transient"
                 )
+                return result("failed", output=error.partial, error=error.describe())
+            if want_logprobs and _refused_logprobs(error):
+                # Some servers refuse the logprobs fields outright: ask again without them; the
+                # strategy that wanted them notices they are missing and says so.
+                want_logprobs = False
+                continue
             if isinstance(error, ContextLengthExceeded):
                 if shrunk_for_context or not call.references:
                     return result(
@@ -303,9 +335,18 @@ async def call_agent(
             status,
             time.monotonic() - started,
         )
+        logprobs = completion.logprobs
         return result(
             status, output=completion.text, error="empty answer" if status == "empty" else None
         )
+
+
+def _refused_logprobs(error: ProviderError) -> bool:
+    return (
+        isinstance(error, ProviderStatusError)
+        and not isinstance(error, ContextLengthExceeded)
+        and error.status_code in (400, 422)
+    )
 
 
 def call_label(call: AgentCall) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -25,6 +25,7 @@ from moa.straggler import DEFAULT_CUTOFF, Cutoff
 __all__ = [
     "Agent",
     "AgentConfig",
+    "AggregationSettings",
     "AggregatorConfig",
     "ConfigFile",
     "Layer",
@@ -236,11 +237,24 @@ class CallSettings(_Strict):
     #: to `hedge_provider` (default: the agent's own provider).
     hedge_after: PositiveFloat | None = None
     hedge_provider: str | None = None
+    # Sampling controls. The first three are OpenAI's and every provider type honours them;
+    # repeat_penalty and min_p are llama.cpp's (see _LLAMA_ONLY).
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=4)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=4, allow_inf_nan=False)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
 
 
 class AgentConfig(CallSettings):
     provider: str | None = None
     model: str | None = None
+    #: Self-MoA: this agent stands for N agents of the same model (distinct seeds if it has one).
+    samples: int | None = Field(default=None, ge=1, le=64)
+
+
+Strategy = Literal["synthesize", "select", "vote", "confidence"]
+Measure = Literal["mean_logprob", "certainty"]
 
 
 class AggregatorConfig(AgentConfig):
@@ -252,6 +266,39 @@ class AggregatorConfig(AgentConfig):
     step_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
     step_growth: float | None = Field(default=None, ge=1, le=16, allow_inf_nan=False)
     max_step_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+    #: How the final answer is made from the last layer's answers (see moa.strategies).
+    strategy: Strategy = "synthesize"
+    #: synthesize only: at most this many references per aggregator call (Self-MoA-Seq).
+    window: int | None = Field(default=None, ge=2, le=64)
+    #: confidence only: the score, how much agreement between candidates adds to it, and how
+    #: many alternatives per token to ask for.
+    measure: Measure | None = None
+    agreement_weight: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _one_aggregator(self) -> AggregatorConfig:
+        if self.samples is not None or any(f.samples is not None for f in self.fallbacks):
+            raise ValueError(
+                "samples: is for proposers (it makes N agents); an aggregator is one call"
+            )
+        if self.mode == "staircase" and (self.strategy != "synthesize" or self.window):
+            raise ValueError(
+                "mode: staircase streams one synthesis while the proposers write; it does not "
+                "combine with a choosing strategy or a window (remove one)"
+            )
+        if self.window is not None and self.strategy != "synthesize":
+            raise ValueError(
+                f"window: applies to strategy synthesize, not {self.strategy} (remove one)"
+            )
+        if self.strategy != "confidence":
+            for name in ("measure", "agreement_weight", "top_logprobs"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}: applies to strategy confidence only "
+                        f"(this aggregator's strategy is {self.strategy})"
+                    )
+        return self
 
 
 class StragglerSettings(_Strict):
@@ -386,6 +433,32 @@ class Agent:
     context_window: int | None = None
     hedge_after: float | None = None
     hedge_provider: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    stop: tuple[str, ...] | None = None
+    repeat_penalty: float | None = None
+    min_p: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregationSettings:
+    """How the aggregator step makes the final answer (README: "Aggregation strategies")."""
+
+    strategy: Strategy = "synthesize"
+    window: int | None = None
+    measure: Measure = "mean_logprob"
+    agreement_weight: float = 0.0
+    #: Alternatives per token asked for: both measures are recorded, whichever decides.
+    top_logprobs: int = 5
+
+    @property
+    def needs_logprobs(self) -> bool:
+        return self.strategy == "confidence"
+
+    @property
+    def chooses_or_windows(self) -> bool:
+        """Not today's single synthesis call: the engine hands the step to moa.strategies."""
+        return self.strategy != "synthesize" or self.window is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +482,7 @@ class Pipeline:
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     #: Staircase streaming's step schedule; None: the aggregator waits for the proposers.
     staircase: StepSchedule | None = None
+    aggregation: AggregationSettings = field(default_factory=AggregationSettings)
 
     @property
     def total_layers(self) -> int:
@@ -422,6 +496,11 @@ class Pipeline:
 
 
 _CALL_FIELDS = tuple(CallSettings.model_fields)
+#: Settings only the embedded llama.cpp provider honours. The OpenAI API has no such fields, and
+#: the servers that add them disagree on names (vLLM and Together say repetition_penalty,
+#: llama.cpp's server repeat_penalty), so on an HTTP provider they are a config error rather than
+#: a field that some servers would silently ignore and others reject with a 400.
+_LLAMA_ONLY = ("repeat_penalty", "min_p")
 
 
 def _merge(*levels: CallSettings) -> dict[str, Any]:
@@ -466,6 +545,16 @@ def _resolve_agent(
         )
     if settings.get("context_window") is None and provider_config.context_window:
         settings["context_window"] = provider_config.context_window
+    if provider_config.type != "llama-cpp":
+        for name in _LLAMA_ONLY:
+            if name in settings:
+                raise ConfigError(
+                    f"{where}: {name} is honoured only by the embedded llama-cpp provider, and "
+                    f"provider {provider!r} is an OpenAI-compatible endpoint; remove it there "
+                    "(frequency_penalty / presence_penalty work on every provider)"
+                )
+    if "stop" in settings:
+        settings["stop"] = tuple(settings["stop"])
     return Agent(provider=provider, model=model, **settings)
 
 
@@ -482,6 +571,16 @@ def _cutoff(*levels: StragglerSettings | CallSettings | None) -> Cutoff | None:
         factor=DEFAULT_CUTOFF.factor if factor is None else factor,
         floor=DEFAULT_CUTOFF.floor if floor is None else floor,
     )
+
+
+def _expand(agent: Agent, samples: int | None) -> list[Agent]:
+    """`samples: N` → N agents. With a seed (the agent's own or inherited) they get seed,
+    seed+1, … so the copies differ; without one each samples afresh anyway."""
+    if not samples:
+        return [agent]
+    if agent.seed is None:
+        return [agent] * samples
+    return [replace(agent, seed=agent.seed + n) for n in range(samples)]
 
 
 def resolve_pipeline(
@@ -510,8 +609,11 @@ def resolve_pipeline(
     layers: list[Layer] = []
     for number, layer_config in enumerate(layer_configs, start=1):
         agents = tuple(
-            _resolve_agent(a, levels, providers, f"layer {number}, agent {i + 1}")
+            copy
             for i, a in enumerate(layer_config.agents)
+            for copy in _expand(
+                _resolve_agent(a, levels, providers, f"layer {number}, agent {i + 1}"), a.samples
+            )
         )
         min_ok = layer_config.min_ok or pipeline_min_ok
         if min_ok > len(agents):
@@ -541,6 +643,12 @@ def resolve_pipeline(
             growth=steps.step_growth or default.growth,
             largest=steps.max_step_tokens or default.largest,
         )
+    aggregation = _aggregation(pipeline.aggregator)
+    if aggregation.strategy != "synthesize" and not layers:
+        raise ConfigError(
+            f"aggregator: strategy {aggregation.strategy} chooses among the last proposer "
+            "layer's answers, so it needs proposers (layers: 2 or more)"
+        )
     return Pipeline(
         layers=tuple(layers),
         aggregator=aggregator,
@@ -549,7 +657,17 @@ def resolve_pipeline(
         max_total_tokens=max_total,
         providers=dict(providers),
         staircase=staircase,
+        aggregation=aggregation,
     )
+
+
+def _aggregation(config: AggregatorConfig) -> AggregationSettings:
+    settings = {
+        name: getattr(config, name)
+        for name in ("strategy", "window", "measure", "agreement_weight", "top_logprobs")
+        if getattr(config, name) is not None
+    }
+    return AggregationSettings(**settings)
 
 
 # --- loading --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict, runtime_checkable
 
-from moa.results import Usage
+from moa.results import TokenLogprob, Usage
 
 __all__ = [
     "ChatMessage",
@@ -44,6 +44,15 @@ class ChatRequest:
     #: The last message is a partial assistant answer to extend (staircase streaming), not a
     #: finished turn. Only sent to providers that can continue natively: see moa.continuation.
     continue_final: bool = False
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    stop: Sequence[str] | None = None
+    #: The embedded llama.cpp model only (the config refuses them for HTTP providers).
+    repeat_penalty: float | None = None
+    min_p: float | None = None
+    #: Ask for the sampled tokens' log-probabilities, and this many alternatives per token.
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +61,8 @@ class Completion:
     finish_reason: str | None = None
     #: None when the backend did not report usage.
     usage: Usage | None = None
+    #: The tokens' log-probabilities when asked for; None when not asked or not given.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +70,8 @@ class StreamChunk:
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    #: Log-probabilities of this chunk's tokens, when asked for and given.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @runtime_checkable

@@ -88,7 +88,7 @@ def _float(value: float | None) -> float | None:
 
 def cache_key(base_url: str, request: ChatRequest) -> str:
     """The SHA-256 hex digest naming one upstream call."""
-    canonical = {
+    canonical: dict[str, object] = {
         "base_url": base_url,
         "model": request.model,
         "messages": [{"role": m["role"], "content": m["content"]} for m in request.messages],
@@ -98,6 +98,15 @@ def cache_key(base_url: str, request: ChatRequest) -> str:
         "seed": request.seed,
         "sample": request.sample,
     }
+    # Settings added later enter the key only when set, so keys stored before them still hit.
+    for name in ("frequency_penalty", "presence_penalty", "repeat_penalty", "min_p"):
+        value = getattr(request, name)
+        if value is not None:
+            canonical[name] = float(value)
+    if request.stop:
+        canonical["stop"] = list(request.stop)
+    if request.logprobs:
+        canonical["logprobs"] = request.top_logprobs or 0
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -305,6 +314,8 @@ class CachedProvider:
         return f"CachedProvider({self.inner!r}, base_url={self.base_url!r})"
 
     async def complete(self, request: ChatRequest) -> Completion:
+        if request.logprobs:  # the table keeps no log-probabilities: never answer without them
+            return await self.inner.complete(request)
         key = cache_key(self.base_url, request)
         stored = self.cache.get(key)
         if stored is not None:
@@ -315,6 +326,14 @@ class CachedProvider:
         return completion
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        if request.logprobs:
+            chunks = self.inner.stream(request)
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await close_stream(chunks)
+            return
         key = cache_key(self.base_url, request)
         stored = self.cache.get(key)
         if stored is not None:

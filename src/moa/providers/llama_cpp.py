@@ -126,6 +126,19 @@ class _Continuing:
             completion.close()
 
 
+def _sampling(request: ChatRequest) -> dict[str, Any]:
+    """The optional sampling settings a request sets, as llama-cpp-python's keywords (the same
+    names); unset ones keep llama-cpp-python's own defaults."""
+    settings: dict[str, Any] = {}
+    for name in ("frequency_penalty", "presence_penalty", "repeat_penalty", "min_p"):
+        value = getattr(request, name)
+        if value is not None:
+            settings[name] = value
+    if request.stop:
+        settings["stop"] = list(request.stop)
+    return settings
+
+
 class LlamaCppProvider:
     def __init__(
         self,
@@ -224,6 +237,7 @@ class LlamaCppProvider:
                     max_tokens=request.max_tokens,
                     seed=_seed(request),
                     stream=True,
+                    **_sampling(request),
                 )
                 for chunk in chunks:
                     if stop.is_set():

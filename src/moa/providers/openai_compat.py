@@ -38,7 +38,7 @@ from moa.errors import (
 )
 from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk, estimate_tokens
 from moa.providers.sse import SSEDecoder
-from moa.results import Usage
+from moa.results import TokenLogprob, Usage
 
 __all__ = ["OpenAICompatibleProvider", "parse_retry_after"]
 
@@ -52,8 +52,16 @@ _CONTEXT_SIGNS = (
     "reduce the length",
 )
 _BODY_LIMIT = 500
-#: Request fields copied from ChatRequest to the body when set.
-_FIELDS = ("temperature", "max_tokens", "top_p", "seed")
+#: ChatRequest fields sent as they are when set. repeat_penalty and min_p are not among them:
+#: the config refuses them for HTTP providers (see moa.config._LLAMA_ONLY).
+_SENT_IF_SET = (
+    "temperature",
+    "max_tokens",
+    "top_p",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+)
 
 
 class OpenAICompatibleProvider:
@@ -124,10 +132,16 @@ class OpenAICompatibleProvider:
 
     def _body(self, request: ChatRequest, *, stream: bool) -> bytes:
         body: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
-        for key in _FIELDS:
+        for key in _SENT_IF_SET:
             value = getattr(request, key)
             if value is not None:
                 body[key] = value
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.logprobs:
+            body["logprobs"] = True
+            if request.top_logprobs:
+                body["top_logprobs"] = request.top_logprobs
         if request.continue_final and self._continuation == "continue_final_message":
             # vLLM: extend the trailing assistant message instead of opening a new turn.
             body["continue_final_message"] = True
@@ -201,6 +215,7 @@ class OpenAICompatibleProvider:
             text=content or "",
             finish_reason=reason if isinstance(reason, str) else None,
             usage=_usage_from_dict(usage) if isinstance(usage, dict) else None,
+            logprobs=_logprobs(choices[0].get("logprobs")),
         )
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
@@ -277,6 +292,7 @@ class OpenAICompatibleProvider:
             )
         text = ""
         reason = None
+        logprobs = None
         choices = chunk.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             delta = choices[0].get("delta")
@@ -284,14 +300,15 @@ class OpenAICompatibleProvider:
             text = content if isinstance(content, str) else ""
             finish = choices[0].get("finish_reason")
             reason = finish if isinstance(finish, str) and finish else None
+            logprobs = _logprobs(choices[0].get("logprobs"))
         elif choices is not None and not isinstance(choices, list):
             raise MalformedResponse(
                 "a stream event is not a chat completion chunk", provider=self.name, model=model
             )
         raw_usage = chunk.get("usage")
         usage = _usage_from_dict(raw_usage) if isinstance(raw_usage, dict) else None
-        if text or reason or usage:
-            return StreamChunk(text=text, finish_reason=reason, usage=usage)
+        if text or reason or usage or logprobs:
+            return StreamChunk(text=text, finish_reason=reason, usage=usage, logprobs=logprobs)
         return None
 
     def _status_error(
@@ -358,6 +375,30 @@ def _env_proxy(url: str) -> str | None:
     if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
     return urllib.request.getproxies().get(parts.scheme)
+
+
+def _logprobs(data: Any) -> tuple[TokenLogprob, ...] | None:
+    """A choice's `logprobs` object ({"content": [{token, logprob, top_logprobs}, ...]}), or None
+    when it is missing or not of that shape: a server that ignores the field is not an error,
+    the strategy that wanted the numbers falls back (see moa.strategies)."""
+    content = data.get("content") if isinstance(data, dict) else None
+    if not isinstance(content, list):
+        return None
+    tokens: list[TokenLogprob] = []
+    for item in content:
+        if not isinstance(item, dict):
+            return None
+        logprob = item.get("logprob")
+        if not isinstance(logprob, int | float):
+            return None
+        top = item.get("top_logprobs") or []
+        alternatives = tuple(
+            (str(t.get("token", "")), float(t["logprob"]))
+            for t in top
+            if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)
+        )
+        tokens.append(TokenLogprob(str(item.get("token", "")), float(logprob), alternatives))
+    return tuple(tokens)
 
 
 def _usage_from_dict(usage: dict[str, Any]) -> Usage | None:

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import threading
 import time
 from collections import defaultdict, deque
@@ -63,6 +64,11 @@ class Reply:
     #: Send `"content": null` instead of text.
     null_content: bool = False
     usage: tuple[int, int] | None = None
+    #: When the request asks for `logprobs`: every token (a chunk of `chunk_size` characters)
+    #: gets this log-probability; asked `top_logprobs: k`, it comes first among k alternatives
+    #: that share the rest of the probability equally. None answers `"logprobs": null`, as a
+    #: server that does not support them would.
+    logprob: float | None = None
 
 
 @dataclass
@@ -248,6 +254,23 @@ class FakeOpenAIServer:
             "total_tokens": prompt + completion,
         }
 
+    def _logprobs(self, record: RecordedRequest, reply: Reply, pieces: list[str]) -> Any:
+        """The choice's `logprobs` object for these tokens, or None (not asked, not scripted)."""
+        if not record.body.get("logprobs") or reply.logprob is None:
+            return None
+        k = int(record.body.get("top_logprobs") or 0)
+        rest = 1.0 - math.exp(reply.logprob)
+        other = math.log(rest / (k - 1)) if k > 1 and rest > 0 else -100.0
+        content = []
+        for piece in pieces:
+            top = [{"token": piece, "logprob": reply.logprob}] if k else []
+            top += [{"token": f"<alt{j}>", "logprob": other} for j in range(1, k)]
+            content.append({"token": piece, "logprob": reply.logprob, "top_logprobs": top})
+        return {"content": content}
+
+    def _pieces(self, text: str) -> list[str]:
+        return [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)]
+
     def _completion(self, record: RecordedRequest, reply: Reply, text: str) -> dict[str, Any]:
         return {
             "id": "chatcmpl-fake",
@@ -262,6 +285,7 @@ class FakeOpenAIServer:
                         "content": None if reply.null_content else text,
                     },
                     "finish_reason": reply.finish_reason,
+                    "logprobs": self._logprobs(record, reply, self._pieces(text)),
                 }
             ],
             "usage": self._usage(record, reply, text),
@@ -277,19 +301,25 @@ class FakeOpenAIServer:
     async def _sse(
         self, request: Request, record: RecordedRequest, reply: Reply, text: str
     ) -> AsyncIterator[bytes]:
-        def event(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> bytes:
+        def event(
+            delta: dict[str, Any],
+            finish: str | None = None,
+            usage: Any = None,
+            logprobs: Any = None,
+        ) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             chunk = {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": record.model,
-                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [] if usage else [choice],
             }
             if usage:
                 chunk["usage"] = usage
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
-        pieces = [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)]
+        pieces = self._pieces(text)
         try:
             yield event({"role": "assistant", "content": ""})
             for number, piece in enumerate(pieces):
@@ -297,7 +327,8 @@ class FakeOpenAIServer:
                     raise ConnectionAbortedError("scripted cut")  # uvicorn drops the connection
                 if reply.chunk_delay and not await self._wait(request, reply.chunk_delay, record):
                     return
-                yield event({"content": None if reply.null_content else piece})
+                content = None if reply.null_content else piece
+                yield event({"content": content}, logprobs=self._logprobs(record, reply, [piece]))
             if reply.cut_after_chunks is not None and reply.cut_after_chunks >= len(pieces):
                 raise ConnectionAbortedError("scripted cut")
             yield event({}, finish=reply.finish_reason)
