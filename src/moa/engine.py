@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from moa.results import (
     AgentResult,
     AgentStarted,
     AgentTextDelta,
+    Aggregation,
     Done,
     Event,
     LayerResult,
@@ -46,6 +48,7 @@ from moa.results import (
 )
 from moa.staircase import run_staircase
 from moa.straggler import StragglerWatch
+from moa.strategies import SELECT_MAX_TOKENS, Decision, decide
 
 __all__ = [
     "MoA",
@@ -257,6 +260,17 @@ class MoA:
         attempts: list[AgentResult] = []
 
         number = len(self.pipeline.layers) + 1
+        aggregation = Aggregation()
+        steps: tuple[AgentResult, ...] = ()
+        if layers and self.pipeline.aggregation.chooses_or_windows:
+            decision = await self._decide(layers, conversation, budget, emit, agent_text)
+            aggregation, steps = decision.aggregation, decision.calls
+            if decision.output is not None:  # one candidate's text: the answer, all at once
+                ttft = time.monotonic() - started
+                emit(TextDelta(decision.output))
+                emit(Done(self._chosen(decision, layers, started, ttft)))
+                return
+            references = list(decision.references)
         for index, agent in enumerate((self.pipeline.aggregator, *self.pipeline.fallbacks)):
 
             def on_text(text: str, index: int = index) -> None:
@@ -283,9 +297,10 @@ class MoA:
                             output=outcome.output,
                             layers=tuple(layers),
                             aggregator=outcome,
-                            aggregator_attempts=tuple(attempts),
+                            aggregator_attempts=(*steps, *attempts),
                             latency_s=time.monotonic() - started,
                             ttft_s=ttft,
+                            aggregation=aggregation,
                         )
                     )
                 )
@@ -295,6 +310,77 @@ class MoA:
         failure = AggregatorFailed(attempts)
         failure.result = self._partial(layers, started, failure, attempts, ttft)
         raise failure
+
+    async def _decide(
+        self,
+        layers: Sequence[LayerResult],
+        conversation: Sequence[ChatMessage],
+        budget: RunBudget,
+        emit: Callable[[Event], None],
+        agent_text: bool,
+    ) -> Decision:
+        """Run the aggregator's strategy (moa.strategies) over the last layer's answers. Its
+        calls (select's, window steps) are not the answer: with `agent_text` their text comes
+        as AgentTextDelta only."""
+        number = len(layers) + 1
+        agent = self.pipeline.aggregator
+
+        async def ask(references: Sequence[str], instruction: str | None, step: int) -> AgentResult:
+            caller = agent
+            if instruction is not None:  # select wants a number, not an essay
+                caller = replace(agent, max_tokens=min(agent.max_tokens, SELECT_MAX_TOKENS))
+            call = replace(
+                self._call(caller, conversation, references, number, step),
+                instruction=instruction,
+            )
+            emit(AgentStarted(number, step, agent.provider, agent.model, is_aggregator=True))
+
+            def on_text(text: str) -> None:
+                emit(AgentTextDelta(number, step, text))
+
+            outcome = await call_agent(
+                self.providers[agent.provider],
+                call,
+                budget=budget,
+                on_text=on_text if agent_text else None,
+            )
+            emit(AgentFinished(outcome, is_aggregator=True))
+            return outcome
+
+        return await decide(self.pipeline.aggregation, layers[-1], ask)
+
+    def _chosen(
+        self,
+        decision: Decision,
+        layers: Sequence[LayerResult],
+        started: float,
+        ttft: float | None,
+    ) -> RunResult:
+        """The result of a run whose answer is one candidate's text. `aggregator` is the call
+        that chose (select), or, when no call was made, a stand-in with attempts=0."""
+        agent = self.pipeline.aggregator
+        chooser = (
+            decision.calls[-1]
+            if decision.calls
+            else AgentResult(
+                layer=len(layers) + 1,
+                index=0,
+                provider=agent.provider,
+                model=agent.model,
+                status="ok",
+                output=decision.output or "",
+                attempts=0,
+            )
+        )
+        return RunResult(
+            output=decision.output or "",
+            layers=tuple(layers),
+            aggregator=chooser,
+            aggregator_attempts=decision.calls,
+            latency_s=time.monotonic() - started,
+            ttft_s=ttft,
+            aggregation=decision.aggregation,
+        )
 
     def _partial(
         self,
@@ -345,6 +431,10 @@ class MoA:
             layer=layer,
             index=index,
             references_in=self.pipeline.references_in,
+            # Scoring strategies read the last proposer layer's log-probabilities.
+            logprobs=layer == len(self.pipeline.layers)
+            and self.pipeline.aggregation.needs_logprobs,
+            top_logprobs=self.pipeline.aggregation.top_logprobs,
         )
 
     async def _run_layer(

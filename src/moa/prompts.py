@@ -69,12 +69,15 @@ def _close(token: str, number: int) -> str:
     return f"<<<end of candidate {number} {token}>>>"
 
 
-def render_references(references: Sequence[str], token: str) -> str:
+def render_references(
+    references: Sequence[str], token: str, *, instruction: str = SYNTHESIS_INSTRUCTION
+) -> str:
+    """The instruction (a format string with {token}), then the numbered, fenced references."""
     blocks = [
         f"{_open(token, n)}\n{escape_fence(text, token)}\n{_close(token, n)}"
         for n, text in enumerate(references, start=1)
     ]
-    return SYNTHESIS_INSTRUCTION.format(token=token) + "\n\n" + "\n\n".join(blocks)
+    return instruction.format(token=token) + "\n\n" + "\n\n".join(blocks)
 
 
 def build_messages(
@@ -84,6 +87,7 @@ def build_messages(
     system: str | None,
     references_in: Literal["system", "user"],
     token: str,
+    instruction: str = SYNTHESIS_INSTRUCTION,
 ) -> list[ChatMessage]:
     """The messages of one agent call.
 
@@ -98,7 +102,7 @@ def build_messages(
         else:
             turns.append(message)
     if references:
-        block = render_references(references, token)
+        block = render_references(references, token, instruction=instruction)
         if references_in == "system":
             system_parts.append(block)
         else:

@@ -14,11 +14,14 @@ __all__ = [
     "AgentResult",
     "AgentStarted",
     "AgentTextDelta",
+    "Aggregation",
+    "CandidateScore",
     "Done",
     "Event",
     "LayerResult",
     "RunResult",
     "TextDelta",
+    "TokenLogprob",
     "Usage",
     "event_from_dict",
     "event_to_dict",
@@ -58,6 +61,16 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token and its log-probability; `top` holds the most likely alternatives at
+    that position (token, log-probability), when they were asked for."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class AgentResult:
     """What one agent produced in one layer (retries included)."""
 
@@ -77,6 +90,9 @@ class AgentResult:
     hedge: Literal["primary", "hedge"] | None = None
     #: Set when status is "failed".
     failure: FailureKind | None = None
+    #: Token log-probabilities, when a strategy asked for them and the provider gave them
+    #: (None: not asked, or none came back). Not in to_dict: the scores made of them are.
+    logprobs: tuple[TokenLogprob, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -115,6 +131,61 @@ class LayerResult:
 
 
 @dataclass(frozen=True, slots=True)
+class CandidateScore:
+    """How one last-layer answer fared under a selecting strategy (see moa.strategies)."""
+
+    #: The agent's index in the last proposer layer.
+    index: int
+    #: vote: the normalised final answer it was counted under.
+    answer: str | None = None
+    #: confidence: mean token log-probability, the top-log-probability certainty, agreement with
+    #: the other candidates (0–1), and the combined score the choice was made on.
+    mean_logprob: float | None = None
+    certainty: float | None = None
+    agreement: float | None = None
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"index": self.index}
+        for name in ("answer", "mean_logprob", "certainty", "agreement", "score"):
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = round(value, 6) if isinstance(value, float) else value
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregation:
+    """How the final answer was made: the aggregator's strategy and, when it chose among the
+    last layer's answers, which one and why."""
+
+    strategy: str = "synthesize"
+    #: Index (in the last proposer layer) of the answer taken verbatim; None when synthesized.
+    chosen: int | None = None
+    #: vote (and select's fallback): candidates per normalised answer.
+    counts: dict[str, int] | None = None
+    scores: tuple[CandidateScore, ...] = ()
+    #: synthesize with a window: the number of aggregator calls.
+    steps: int | None = None
+    #: Why the strategy did not run as configured (a fallback), in one line.
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"strategy": self.strategy}
+        if self.chosen is not None:
+            data["chosen"] = self.chosen
+        if self.counts is not None:
+            data["counts"] = dict(self.counts)
+        if self.scores:
+            data["scores"] = [s.to_dict() for s in self.scores]
+        if self.steps is not None:
+            data["steps"] = self.steps
+        if self.note is not None:
+            data["note"] = self.note
+        return data
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
     """The outcome of one MoA run. `ok` is False only when the final answer broke midway."""
 
@@ -127,6 +198,7 @@ class RunResult:
     ttft_s: float | None
     ok: bool = True
     error: str | None = None
+    aggregation: Aggregation = field(default_factory=Aggregation)
 
     @property
     def usage(self) -> Usage:
@@ -152,6 +224,7 @@ class RunResult:
             "usage": self.usage.to_dict(),
             "latency_s": round(self.latency_s, 4),
             "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4),
+            "aggregation": self.aggregation.to_dict(),
         }
 
 
@@ -263,7 +336,40 @@ def _run_to_dict(result: RunResult) -> dict[str, Any]:
         "usage": result.usage.to_dict(),  # derived: ignored when read back
         "latency_s": result.latency_s,
         "ttft_s": result.ttft_s,
+        "aggregation": _aggregation_to_dict(result.aggregation),
     }
+
+
+def _aggregation_to_dict(aggregation: Aggregation) -> dict[str, Any]:
+    return {
+        "strategy": aggregation.strategy,
+        "chosen": aggregation.chosen,
+        "counts": aggregation.counts,
+        "scores": [
+            {
+                "index": s.index,
+                "answer": s.answer,
+                "mean_logprob": s.mean_logprob,
+                "certainty": s.certainty,
+                "agreement": s.agreement,
+                "score": s.score,
+            }
+            for s in aggregation.scores
+        ],
+        "steps": aggregation.steps,
+        "note": aggregation.note,
+    }
+
+
+def _aggregation_from_dict(data: dict[str, Any]) -> Aggregation:
+    return Aggregation(
+        strategy=data.get("strategy", "synthesize"),
+        chosen=data.get("chosen"),
+        counts=data.get("counts"),
+        scores=tuple(CandidateScore(**score) for score in data.get("scores") or ()),
+        steps=data.get("steps"),
+        note=data.get("note"),
+    )
 
 
 def _run_from_dict(data: dict[str, Any]) -> RunResult:
@@ -283,6 +389,7 @@ def _run_from_dict(data: dict[str, Any]) -> RunResult:
         ttft_s=data.get("ttft_s"),
         ok=data.get("ok", True),
         error=data.get("error"),
+        aggregation=_aggregation_from_dict(data.get("aggregation") or {}),
     )
 
 
