@@ -246,14 +246,23 @@ def test_default_strategy_is_recorded_as_synthesize(fake: FakeOpenAIServer, make
 # --- confidence ----------------------------------------------------------------------------
 
 
+def by_sample(fake: FakeOpenAIServer, *replies: Reply) -> None:
+    """Answer model m's samples by their seed (0, 1, 2, …): they run concurrently, so the order
+    their requests arrive in is not theirs."""
+    fake.respond("m", lambda body, n: replies[body["seed"]])
+
+
 def test_confidence_picks_the_candidate_its_model_was_surest_of(
     fake: FakeOpenAIServer, make_moa
 ) -> None:
-    fake.script("m", Reply(text="It is 41.", logprob=-1.2))
-    fake.script("m", Reply(text="17 + 25 = 42", logprob=-0.05))
-    fake.script("m", Reply(text="42, I think", logprob=-0.7))
+    by_sample(
+        fake,
+        Reply(text="It is 41.", logprob=-1.2),
+        Reply(text="17 + 25 = 42", logprob=-0.05),
+        Reply(text="42, I think", logprob=-0.7),
+    )
     moa = make_moa(
-        proposers=[{"model": "m", "samples": 3}],
+        proposers=[{"model": "m", "samples": 3, "seed": 0}],
         aggregator={"model": "agg", "strategy": "confidence"},
     )
     result = moa.run(QUESTION)
@@ -274,15 +283,16 @@ def test_confidence_picks_the_candidate_its_model_was_surest_of(
 def test_confidence_measure_certainty_and_agreement_weight_change_the_choice(
     fake: FakeOpenAIServer, make_moa
 ) -> None:
-    def script() -> None:
-        fake.script("m", Reply(text="The sum is 41", logprob=-0.1))
-        fake.script("m", Reply(text="The sum is 42", logprob=-0.3))
-        fake.script("m", Reply(text="The sum is 42", logprob=-0.4))
+    by_sample(
+        fake,
+        Reply(text="The sum is 41", logprob=-0.1),
+        Reply(text="The sum is 42", logprob=-0.3),
+        Reply(text="The sum is 42", logprob=-0.4),
+    )
 
     def run(**aggregator: Any) -> int | None:
-        script()
         moa = make_moa(
-            proposers=[{"model": "m", "samples": 3}],
+            proposers=[{"model": "m", "samples": 3, "seed": 0}],
             aggregator={"model": "agg", "strategy": "confidence", **aggregator},
         )
         return moa.run(QUESTION).aggregation.chosen

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from moa import tracing
@@ -37,6 +37,7 @@ from moa.providers.base import (
 )
 from moa.results import AgentResult, AgentStatus, FailureKind, TokenLogprob, Usage
 from moa.retry import decide_retry
+from moa.runaway import RUNAWAY_CAUSE, RUNAWAY_FINISH, Runaway, RunawayGuard, find_runaway
 
 __all__ = ["AgentCall", "call_agent"]
 
@@ -133,21 +134,33 @@ async def _attempt(
     agent: Agent,
     on_text: Callable[[str], None] | None,
     received: list[str],
+    runaways: list[Runaway],
 ) -> Completion:
-    """One try, bounded by `timeout` (and `first_token_timeout` when streaming)."""
+    """One try, bounded by `timeout` (and `first_token_timeout` when streaming). A generation
+    caught in a loop is cut at its first repeat (moa.runaway), noted in `runaways`."""
     where: dict[str, Any] = {"provider": provider.name, "model": agent.model}
     if on_text is None:
         try:
             async with asyncio.timeout(agent.timeout):
-                return await provider.complete(request)
+                completion = await provider.complete(request)
         except TimeoutError:
             raise ProviderTimeout(
                 f"no answer within timeout={agent.timeout:g} s", **where
             ) from None
+        # A whole answer: too late to save the tokens, not too late to keep the loop out of the
+        # next layer. (The embedded model stops its own loops early: see LlamaCppProvider.)
+        runaway = find_runaway(completion.text)
+        if runaway is None:
+            return completion
+        runaways.append(runaway)
+        return replace(
+            completion, text=completion.text[: runaway.keep], finish_reason=RUNAWAY_FINISH
+        )
 
     finish: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None
+    guard = RunawayGuard()
     try:
         async with asyncio.timeout(agent.timeout):
             try:
@@ -161,6 +174,10 @@ async def _attempt(
                                 first_token.reschedule(None)
                             received.append(chunk.text)
                             on_text(chunk.text)
+                            runaway = guard.feed(chunk.text)
+                            if runaway is not None:  # leaving closes the stream: it stops
+                                runaways.append(runaway)
+                                break
                         finish = chunk.finish_reason or finish
                         usage = chunk.usage or usage
                         if chunk.logprobs is not None:
@@ -177,6 +194,9 @@ async def _attempt(
         if received:
             error = StreamInterrupted(str(error), partial="".join(received), **where)
         raise error from None
+    if runaways:
+        text = "".join(received)[: runaways[-1].keep]
+        return Completion(text=text, finish_reason=RUNAWAY_FINISH, usage=usage)
     return Completion(
         text="".join(received),
         finish_reason=finish,
@@ -199,7 +219,7 @@ async def _closing(
 def _status(completion: Completion) -> AgentStatus:
     if not completion.text.strip():
         return "empty"
-    if completion.finish_reason == "length":
+    if completion.finish_reason in ("length", RUNAWAY_FINISH):
         return "truncated"
     return "ok"
 
@@ -269,9 +289,10 @@ async def call_agent(
         reserved = budget.reserve(prompt.tokens + agent.max_tokens)
         tracing.note_request(request)
         received: list[str] = []
+        runaways: list[Runaway] = []
         spent = Usage()
         try:
-            completion = await _attempt(provider, request, agent, on_text, received)
+            completion = await _attempt(provider, request, agent, on_text, received, runaways)
             spent = completion.usage or Usage(prompt.tokens, max(1, len(completion.text) // 4))
         except ProviderError as error:
             if received:  # tokens were generated, and are billed, even though the call failed
@@ -336,9 +357,10 @@ async def call_agent(
             time.monotonic() - started,
         )
         logprobs = completion.logprobs
-        return result(
-            status, output=completion.text, error="empty answer" if status == "empty" else None
-        )
+        note = "empty answer" if status == "empty" else None
+        if completion.finish_reason == RUNAWAY_FINISH:
+            note = runaways[-1].describe() if runaways else RUNAWAY_CAUSE
+        return result(status, output=completion.text, error=note)
 
 
 def _refused_logprobs(error: ProviderError) -> bool:

@@ -10,6 +10,7 @@ responsive, and a cancelled call stops generating at the next token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import threading
@@ -27,7 +28,8 @@ from moa.errors import (
     StreamInterrupted,
 )
 from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk
-from moa.results import Usage
+from moa.results import TokenLogprob, Usage
+from moa.runaway import RUNAWAY_FINISH, RunawayGuard
 
 __all__ = ["DEFAULT_N_CTX", "LlamaCppProvider", "default_model_path"]
 
@@ -126,6 +128,55 @@ class _Continuing:
             completion.close()
 
 
+class _LogprobRecorder:
+    """Records each generated token's log-probability as llama.cpp samples it.
+
+    llama-cpp-python returns log-probabilities only for a model loaded with logits_all, which
+    keeps logits for every prompt position (n_ctx × vocabulary floats: 800 MB for SmolLM2 at
+    4096) and sorts the whole vocabulary per token in Python. A logits processor instead sees
+    each step's raw logits (before penalties and temperature, so the model's own distribution)
+    and costs about a millisecond a token. The token sampled at one step is known at the next,
+    as the last input id; the final step's is matched by text among its top alternatives."""
+
+    def __init__(self, llama: Any, top: int) -> None:
+        self._llama = llama
+        self._top = max(top, 1)
+        self._pending: tuple[Any, float, list[tuple[int, float]]] | None = None
+        self.tokens: list[TokenLogprob] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import numpy as np
+
+        if self._pending is not None and len(input_ids):
+            self._resolve(int(input_ids[-1]))
+        logits = np.asarray(scores, dtype=np.float64)
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+        best = np.argpartition(-logits, self._top)[: self._top]
+        ranked = sorted(((int(i), float(logits[i]) - log_total) for i in best), key=lambda t: -t[1])
+        self._pending = (logits, log_total, ranked)
+        return scores
+
+    def _resolve(self, token: int) -> None:
+        assert self._pending is not None
+        logits, log_total, ranked = self._pending
+        self._pending = None
+        top = tuple((self._piece(i), lp) for i, lp in ranked)
+        self.tokens.append(TokenLogprob(self._piece(token), float(logits[token]) - log_total, top))
+
+    def finish(self, last_text: str) -> tuple[TokenLogprob, ...]:
+        """All tokens, the last one matched by its text (absent when it ended the answer)."""
+        if self._pending is not None and last_text:
+            for token, _ in self._pending[2]:
+                if self._piece(token) == last_text:
+                    self._resolve(token)
+                    break
+        return tuple(self.tokens)
+
+    def _piece(self, token: int) -> str:
+        return bytes(self._llama.detokenize([token])).decode("utf-8", "replace")
+
+
 def _sampling(request: ChatRequest) -> dict[str, Any]:
     """The optional sampling settings a request sets, as llama-cpp-python's keywords (the same
     names); unset ones keep llama-cpp-python's own defaults."""
@@ -205,11 +256,21 @@ class LlamaCppProvider:
         parts: list[str] = []
         finish: str | None = None
         usage: Usage | None = None
-        async for chunk in self.stream(request):
-            parts.append(chunk.text)
-            finish = chunk.finish_reason or finish
-            usage = chunk.usage or usage
-        return Completion(text="".join(parts), finish_reason=finish, usage=usage)
+        logprobs: tuple[TokenLogprob, ...] | None = None
+        guard = RunawayGuard()
+        async with contextlib.aclosing(self.stream(request)) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk.text)
+                finish = chunk.finish_reason or finish
+                usage = chunk.usage or usage
+                logprobs = chunk.logprobs if chunk.logprobs is not None else logprobs
+                runaway = guard.feed(chunk.text) if chunk.text else None
+                if runaway is not None:
+                    # Stop generating now rather than spend max_tokens on the loop; leaving the
+                    # stream sets its stop flag, which the worker notices at the next token.
+                    text = "".join(parts)[: runaway.keep]
+                    return Completion(text=text, finish_reason=RUNAWAY_FINISH, usage=usage)
+        return Completion(text="".join(parts), finish_reason=finish, usage=usage, logprobs=logprobs)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         loop = asyncio.get_running_loop()
@@ -230,6 +291,13 @@ class LlamaCppProvider:
                 if request.continue_final:  # staircase streaming: extend the partial answer
                     llama = _Continuing(llama)
                 post("prompt", self._count(request.messages))
+                recorder = None
+                extra = _sampling(request)
+                if request.logprobs:
+                    from llama_cpp import LogitsProcessorList
+
+                    recorder = _LogprobRecorder(llama, request.top_logprobs or 1)
+                    extra["logits_processor"] = LogitsProcessorList([recorder])
                 chunks = llama.create_chat_completion(
                     messages=list(request.messages),
                     temperature=request.temperature if request.temperature is not None else 0.7,
@@ -237,13 +305,17 @@ class LlamaCppProvider:
                     max_tokens=request.max_tokens,
                     seed=_seed(request),
                     stream=True,
-                    **_sampling(request),
+                    **extra,
                 )
+                last = ""
                 for chunk in chunks:
                     if stop.is_set():
                         chunks.close()
                         raise _Cancelled
+                    last = chunk["choices"][0].get("delta", {}).get("content") or last
                     post("chunk", chunk)
+                if recorder is not None:
+                    post("logprobs", recorder.finish(last))
                 post("end", None)
             except _Cancelled:
                 return
@@ -274,6 +346,8 @@ class LlamaCppProvider:
                         )
                     elif text:
                         yield StreamChunk(text=text)
+                elif kind == "logprobs":
+                    yield StreamChunk(logprobs=item)
                 elif kind == "error":
                     raise self._translate(item, request.model, "".join(received))
                 else:
