@@ -269,3 +269,32 @@ def test_the_cache_is_shared_safely_by_concurrent_calls(
             await upstream.aclose()
 
     asyncio.run(go())
+
+
+def test_log_probabilities_are_cached_with_their_answer(
+    fake: FakeOpenAIServer, cache: CallCache
+) -> None:
+    """Asking for log-probabilities does not change the answer, so it shares the key: a stored
+    answer without them is fetched again once (and then stored with them), so a confidence run
+    never silently loses its scores and reuses what other strategies generated."""
+
+    async def go() -> None:
+        upstream = _upstream(fake)
+        try:
+            fake.respond("m1", lambda body, n: Reply(text="Paris", logprob=-0.5))
+            provider = CachedProvider(upstream, cache, base_url=fake.base_url)
+            await provider.complete(_request(seed=1))  # stored without log-probabilities
+            asking = _request(seed=1, logprobs=True, top_logprobs=2)
+            fetched = await provider.complete(asking)
+            assert len(fake.requests) == 2 and fetched.logprobs
+            replayed = await provider.complete(asking)
+            streamed = await _collect(provider.stream(asking))
+            assert len(fake.requests) == 2
+            assert replayed == fetched
+            assert [t for c in streamed if c.logprobs for t in c.logprobs] == list(fetched.logprobs)
+            plain = await provider.complete(_request(seed=1))
+            assert plain.text == "Paris" and len(fake.requests) == 2
+        finally:
+            await upstream.aclose()
+
+    asyncio.run(go())

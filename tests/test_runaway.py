@@ -40,10 +40,12 @@ def test_the_cut_ends_at_the_nearest_sentence_end() -> None:
     assert ("Intro. " + loop * 5)[: found.keep] == "Intro. " + loop.rstrip()
 
 
-def test_short_loops_count_once_long_enough() -> None:
-    assert find_runaway("Yes! " * 20) is None  # 100 characters
-    found = find_runaway("Answer: " + "ha " * 80)
-    assert found is not None and found.period == 3
+def test_short_spans_count_once_long_enough_and_tiny_units_never() -> None:
+    assert find_runaway("I am sorry. " * 10) is None  # 120 characters
+    found = find_runaway("Well. " + "I am sorry. " * 20)
+    assert found is not None and found.period == 12
+    for degenerate in ("A" * 30_000, "ha " * 200, "-=" * 500):
+        assert find_runaway(degenerate) is None
 
 
 @pytest.mark.parametrize(

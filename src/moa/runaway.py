@@ -7,8 +7,9 @@ grows; once its end has become periodic — a span repeated back to back at leas
 times and over at least MIN_LOOP_CHARS characters — it reports where the first copy ends, and the
 caller stops the generation there.
 
-Legitimate answers rarely repeat a span verbatim three times in a row over 200 characters; a
-markdown rule or a short "ha ha ha" stays under MIN_LOOP_CHARS.
+Legitimate answers rarely repeat a span verbatim three times in a row over 200 characters. A
+span shorter than MIN_PERIOD characters ("AAAA…", "ha ha ha", a rule of dashes) is not the kind
+of loop meant here and is left alone, however long.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "MIN_COPIES",
     "MIN_LOOP_CHARS",
+    "MIN_PERIOD",
     "RUNAWAY_CAUSE",
     "RUNAWAY_FINISH",
     "Runaway",
@@ -33,6 +35,8 @@ RUNAWAY_CAUSE = (
     "stopped a runaway generation: it kept repeating itself; kept the text up to its first repeat"
 )
 
+#: The shortest repeating span that counts, in characters.
+MIN_PERIOD = 10
 #: The least number of copies, and the least length of the repeating region, that count.
 MIN_COPIES = 3
 MIN_LOOP_CHARS = 200
@@ -71,10 +75,15 @@ def find_runaway(text: str) -> Runaway | None:
             return None
         end = position + _KEY - 1
         period = n - _KEY - position
+        if period < MIN_PERIOD:
+            continue
         copies = max(MIN_COPIES, math.ceil(MIN_LOOP_CHARS / period))
         if copies * period > n:
             return None  # longer periods cannot repeat often enough either
         if text[n - copies * period : n - period] == text[n - (copies - 1) * period :]:
+            span = text[n - period :]
+            if (span + span).find(span, 1) < MIN_PERIOD:
+                return None  # made of a shorter unit ("AAAA…"): not a long span repeating
             return _loop(text, period)
 
 

@@ -37,7 +37,7 @@ from moa.providers.base import (
     StreamChunk,
     close_stream,
 )
-from moa.results import Usage
+from moa.results import TokenLogprob, Usage
 
 __all__ = [
     "CacheStats",
@@ -52,6 +52,8 @@ log = logging.getLogger("moa.cache")
 
 #: Bumped when the stored layout changes; an older table is simply ignored.
 _TABLE = "calls_v1"
+#: Token log-probabilities of stored answers, for calls that asked for them (JSON per key).
+_LOGPROBS_TABLE = "logprobs_v1"
 #: How long a write waits for another process holding the database (two batches sharing one
 #: cache). Short on purpose: the cache is an optimisation, and a skipped write costs one refetch.
 _BUSY_TIMEOUT_MS = 2000
@@ -105,8 +107,8 @@ def cache_key(base_url: str, request: ChatRequest) -> str:
             canonical[name] = float(value)
     if request.stop:
         canonical["stop"] = list(request.stop)
-    if request.logprobs:
-        canonical["logprobs"] = request.top_logprobs or 0
+    # logprobs is not in the key: asking for them does not change the answer, so a confidence
+    # run reuses the candidates other strategies generated (and stores their log-probabilities).
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -174,6 +176,9 @@ class CallCache:
                 " completion_tokens INTEGER,"
                 " created REAL NOT NULL)"
             )
+            db.execute(
+                f"CREATE TABLE IF NOT EXISTS {_LOGPROBS_TABLE} (key TEXT PRIMARY KEY, data TEXT)"
+            )
             # Reads the schema and a page: a file that is not a database fails here, at open.
             db.execute(f"SELECT count(*) FROM (SELECT 1 FROM {_TABLE} LIMIT 1)").fetchone()
         except BaseException:
@@ -220,19 +225,22 @@ class CallCache:
 
     # --- reading and writing --------------------------------------------------------------
 
-    def get(self, key: str) -> Completion | None:
-        """The stored answer, or None (a miss, or a cache that cannot be read right now)."""
+    def get(self, key: str, *, logprobs: bool = False) -> Completion | None:
+        """The stored answer, or None (a miss, or a cache that cannot be read right now). With
+        `logprobs`, only an answer stored with its log-probabilities counts."""
         with self._lock:
             row = self._execute(
-                "SELECT text, finish_reason, prompt_tokens, completion_tokens "
-                f"FROM {_TABLE} WHERE key = ?",
+                f"SELECT text, finish_reason, prompt_tokens, completion_tokens, {_LOGPROBS_TABLE}"
+                f".data FROM {_TABLE} LEFT JOIN {_LOGPROBS_TABLE} USING (key) WHERE key = ?",
                 (key,),
             )
         if row is None:
             self.stats.misses += 1
             return None
-        text, finish_reason, prompt_tokens, completion_tokens = row
-        if not isinstance(text, str):  # a damaged row: refetch rather than trust it
+        text, finish_reason, prompt_tokens, completion_tokens, stored_logprobs = row
+        tokens = _decode_logprobs(stored_logprobs) if logprobs else None
+        if not isinstance(text, str) or (logprobs and tokens is None):
+            # A damaged row, or one without the log-probabilities asked for: refetch.
             self.stats.misses += 1
             return None
         usage = None
@@ -243,15 +251,19 @@ class CallCache:
             text=text,
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
             usage=usage,
+            logprobs=tokens,
         )
 
     def put(self, key: str, model: str, completion: Completion) -> None:
         """Store a successful answer. The first answer stored for a key stays: a key names one
-        answer, so a rerun sees what the first run saw."""
+        answer, so a rerun sees what the first run saw. The exception is an answer that comes
+        with log-probabilities: it was fetched because the stored one had none, and replaces
+        it, so that text and log-probabilities always belong together."""
         usage = completion.usage
+        verb = "IGNORE" if completion.logprobs is None else "REPLACE"
         with self._lock:
             done = self._execute(
-                f"INSERT OR IGNORE INTO {_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR {verb} INTO {_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
                     model,
@@ -263,6 +275,12 @@ class CallCache:
                 ),
                 write=True,
             )
+            if done is not None and completion.logprobs is not None:
+                self._execute(
+                    f"INSERT OR REPLACE INTO {_LOGPROBS_TABLE} VALUES (?, ?)",
+                    (key, _encode_logprobs(completion.logprobs)),
+                    write=True,
+                )
         if done is not None:
             self.stats.writes += 1
 
@@ -293,6 +311,22 @@ class CallCache:
             return None
 
 
+def _encode_logprobs(tokens: Sequence[TokenLogprob]) -> str:
+    return json.dumps([[t.token, t.logprob, [list(a) for a in t.top]] for t in tokens])
+
+
+def _decode_logprobs(data: object) -> tuple[TokenLogprob, ...] | None:
+    if not isinstance(data, str):
+        return None
+    try:
+        return tuple(
+            TokenLogprob(str(token), float(logprob), tuple((str(a), float(b)) for a, b in top))
+            for token, logprob, top in json.loads(data)
+        )
+    except (ValueError, TypeError):
+        return None
+
+
 def _is_corruption(error: sqlite3.Error) -> bool:
     code = getattr(error, "sqlite_errorcode", None)
     if code is not None:
@@ -314,10 +348,8 @@ class CachedProvider:
         return f"CachedProvider({self.inner!r}, base_url={self.base_url!r})"
 
     async def complete(self, request: ChatRequest) -> Completion:
-        if request.logprobs:  # the table keeps no log-probabilities: never answer without them
-            return await self.inner.complete(request)
         key = cache_key(self.base_url, request)
-        stored = self.cache.get(key)
+        stored = self.cache.get(key, logprobs=request.logprobs)
         if stored is not None:
             return stored
         completion = await self.inner.complete(request)
@@ -326,35 +358,35 @@ class CachedProvider:
         return completion
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        if request.logprobs:
-            chunks = self.inner.stream(request)
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            finally:
-                await close_stream(chunks)
-            return
         key = cache_key(self.base_url, request)
-        stored = self.cache.get(key)
+        stored = self.cache.get(key, logprobs=request.logprobs)
         if stored is not None:
-            yield StreamChunk(text=stored.text)
+            yield StreamChunk(text=stored.text, logprobs=stored.logprobs)
             yield StreamChunk(finish_reason=stored.finish_reason or "stop", usage=stored.usage)
             return
         pieces: list[str] = []
         finish: str | None = None
         usage: Usage | None = None
+        tokens: list[TokenLogprob] | None = None
         chunks = self.inner.stream(request)
         try:
             async for chunk in chunks:
                 pieces.append(chunk.text)
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
+                if chunk.logprobs is not None:
+                    tokens = [*(tokens or ()), *chunk.logprobs]
                 yield chunk
         finally:
             await close_stream(chunks)
         # Reached only when the stream ended normally (an error or an early close skips it):
         # a whole answer, safe to replay.
-        completion = Completion(text="".join(pieces), finish_reason=finish, usage=usage)
+        completion = Completion(
+            text="".join(pieces),
+            finish_reason=finish,
+            usage=usage,
+            logprobs=None if tokens is None else tuple(tokens),
+        )
         if finish is not None and _worth_keeping(completion):
             self.cache.put(key, request.model, completion)
 
