@@ -338,12 +338,7 @@ class MoA:
             def on_text(text: str) -> None:
                 emit(AgentTextDelta(number, step, text))
 
-            outcome = await call_agent(
-                self.providers[agent.provider],
-                call,
-                budget=budget,
-                on_text=on_text if agent_text else None,
-            )
+            outcome = await self._call_agent(call, budget, on_text if agent_text else None)
             emit(AgentFinished(outcome, is_aggregator=True))
             return outcome
 
