@@ -54,6 +54,10 @@ def _values(kind: Any) -> st.SearchStrategy[Any]:
         return st.one_of(*map(_values, args))
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return st.lists(_values(args[0]), max_size=2).map(tuple)
+    if origin is tuple:
+        return st.tuples(*map(_values, args))
+    if origin is dict:
+        return st.dictionaries(_values(args[0]), _values(args[1]), max_size=2)
     if dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
         fields = {f.name: _values(hints[f.name]) for f in dataclasses.fields(kind)}
