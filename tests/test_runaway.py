@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -105,6 +106,9 @@ def test_a_looping_streamed_answer_is_stopped_early(fake: FakeOpenAIServer, make
     streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
     # What went out before the guard saw the loop: a few copies, not sixty.
     assert LOOP * 2 in streamed and len(streamed) < len(OPENING) + 5 * len(LOOP)
-    # The guard hung up: the server did not send the rest.
+    # The guard hung up: the server did not send the rest (it notices a moment later).
     (request,) = fake.requests_for("agg")
+    deadline = time.monotonic() + 10
+    while request.ended is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert request.disconnected
