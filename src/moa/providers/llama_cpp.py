@@ -135,8 +135,9 @@ class _LogprobRecorder:
     keeps logits for every prompt position (n_ctx × vocabulary floats: 800 MB for SmolLM2 at
     4096) and sorts the whole vocabulary per token in Python. A logits processor instead sees
     each step's raw logits (before penalties and temperature, so the model's own distribution)
-    and costs one log-sum-exp over the vocabulary per token (not benchmarked yet). The token sampled at one step is known at the next,
-    as the last input id; the final step's is matched by text among its top alternatives."""
+    and costs one log-sum-exp over the vocabulary per token (not benchmarked yet). The token
+    sampled at one step is known at the next, as the last input id; the final step's is matched
+    by text among its top alternatives."""
 
     def __init__(self, llama: Any, top: int) -> None:
         self._llama = llama
