@@ -90,3 +90,30 @@ def test_confidence_strategy_on_the_embedded_model() -> None:
     best = max(aggregation.scores, key=lambda s: (s.score, -s.index))
     assert aggregation.chosen == best.index
     assert result.output == result.layers[0].agents[best.index].output
+
+
+def test_a_real_loop_of_the_embedded_model_is_cut_at_its_first_repeat() -> None:
+    """The `local` preset as it shipped before no-seed sampling (seeds 11/22/33, aggregator seed
+    44 at temperature 0.3) loops on this question: its aggregator repeats one 101-character
+    sentence until max_tokens. Fixed seeds and greedy-ish sampling make it reproducible with
+    the pinned llama.cpp build."""
+    config = parse_config(
+        {
+            "providers": {"local": {"type": "llama-cpp"}},
+            "proposers": [
+                {"temperature": 0.6, "seed": 11},
+                {"temperature": 0.8, "seed": 22},
+                {"temperature": 1.0, "seed": 33},
+            ],
+            "aggregator": {"temperature": 0.3, "seed": 44, "max_tokens": 256},
+            "max_tokens": 160,
+        }
+    )
+    with MoA.from_config(config) as moa:
+        result = moa.run("In two sentences: why do several models answering together beat one?")
+    aggregator = result.aggregator
+    assert aggregator.status == "truncated"
+    assert aggregator.error is not None and "runaway" in aggregator.error
+    loop = "a multi-answer that can be combined to create a single answer."
+    assert result.output.count(loop) == 1
+    assert result.output.endswith(loop)
