@@ -249,11 +249,16 @@ def test_completions_refuse_what_they_cannot_honour_naming_the_field(
 # --- chat parameters and messages -----------------------------------------------------------
 
 
-def test_seed_reaches_the_aggregator_only(serve: Serve, fake: FakeOpenAIServer) -> None:
+def test_seed_and_penalties_reach_the_aggregator_only(serve: Serve, fake: FakeOpenAIServer) -> None:
     server = serve()
-    client(server).chat.completions.create(**request(), seed=1234, user="end-user-7")
-    assert fake.requests_for("agg")[0].body["seed"] == 1234
-    assert all("seed" not in r.body for r in fake.requests_for("p1") + fake.requests_for("p2"))
+    client(server).chat.completions.create(
+        **request(), seed=1234, presence_penalty=0.5, frequency_penalty=-0.25, user="end-user-7"
+    )
+    aggregator = fake.requests_for("agg")[0].body
+    assert aggregator["seed"] == 1234
+    assert (aggregator["presence_penalty"], aggregator["frequency_penalty"]) == (0.5, -0.25)
+    for proposer in fake.requests_for("p1") + fake.requests_for("p2"):
+        assert not {"seed", "presence_penalty", "frequency_penalty"} & set(proposer.body)
 
 
 @pytest.mark.parametrize(

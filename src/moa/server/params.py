@@ -91,9 +91,6 @@ class SamplingRequest(BaseModel):
                 "reasoning_effort",
                 "reasoning_effort is not supported by MoA pipelines; leave it unset",
             )
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):  # 0 is the neutral value: accepted
-                raise unsupported(name, f"{name} is not supported by MoA pipelines yet")
 
     def answer_settings(self) -> AnswerSettings:
         return AnswerSettings(
@@ -101,6 +98,8 @@ class SamplingRequest(BaseModel):
             top_p=self.top_p,
             max_tokens=self.answer_tokens,
             seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
 
 
@@ -112,6 +111,8 @@ class AnswerSettings:
     top_p: float | None = None
     max_tokens: int | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 def with_settings(moa: MoA, settings: AnswerSettings) -> MoA:
