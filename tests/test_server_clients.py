@@ -259,6 +259,13 @@ def test_seed_and_penalties_reach_the_aggregator_only(serve: Serve, fake: FakeOp
     assert (aggregator["presence_penalty"], aggregator["frequency_penalty"]) == (0.5, -0.25)
     for proposer in fake.requests_for("p1") + fake.requests_for("p2"):
         assert not {"seed", "presence_penalty", "frequency_penalty"} & set(proposer.body)
+    # The end user is served by every call of the run, so every call names them.
+    assert {r.body.get("user") for r in fake.requests} == {"end-user-7"}
+
+
+def test_without_a_user_no_call_names_one(serve: Serve, fake: FakeOpenAIServer) -> None:
+    client(serve()).chat.completions.create(**request())
+    assert fake.requests and all("user" not in r.body for r in fake.requests)
 
 
 @pytest.mark.parametrize(

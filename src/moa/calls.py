@@ -285,6 +285,7 @@ async def call_agent(
             min_p=agent.min_p,
             logprobs=want_logprobs,
             top_logprobs=call.top_logprobs if want_logprobs else None,
+            user=agent.user,
         )
         reserved = budget.reserve(prompt.tokens + agent.max_tokens)
         tracing.note_request(request)

@@ -438,6 +438,9 @@ class Agent:
     stop: tuple[str, ...] | None = None
     repeat_penalty: float | None = None
     min_p: float | None = None
+    #: The end user a request serves (OpenAI's `user`), passed upstream for abuse monitoring;
+    #: set per request by the server, never in a config.
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

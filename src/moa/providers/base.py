@@ -53,6 +53,8 @@ class ChatRequest:
     #: Ask for the sampled tokens' log-probabilities, and this many alternatives per token.
     logprobs: bool = False
     top_logprobs: int | None = None
+    #: The end user the call serves (OpenAI's `user` field); it does not change the answer.
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

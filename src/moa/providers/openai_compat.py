@@ -61,6 +61,7 @@ _SENT_IF_SET = (
     "seed",
     "frequency_penalty",
     "presence_penalty",
+    "user",
 )
 
 

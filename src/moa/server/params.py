@@ -100,6 +100,7 @@ class SamplingRequest(BaseModel):
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            user=self.user,
         )
 
 
@@ -113,19 +114,32 @@ class AnswerSettings:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    #: The end user: unlike the others it goes to every call of the run, all of which serve them.
+    user: str | None = None
 
 
 def with_settings(moa: MoA, settings: AnswerSettings) -> MoA:
-    """The pipeline with `settings` on the aggregator and its fallbacks (which stand in for it)."""
+    """The pipeline with `settings` on the aggregator and its fallbacks (which stand in for it),
+    and the end user on every agent."""
     overrides: dict[str, Any] = {
-        name: value for name, value in dataclasses.asdict(settings).items() if value is not None
+        name: value
+        for name, value in dataclasses.asdict(settings).items()
+        if value is not None and name != "user"
     }
-    if not overrides:
+    if not overrides and settings.user is None:
         return moa
+    everyone: dict[str, Any] = {} if settings.user is None else {"user": settings.user}
+    writers = {**overrides, **everyone}
     pipeline = dataclasses.replace(
         moa.pipeline,
-        aggregator=dataclasses.replace(moa.pipeline.aggregator, **overrides),
-        fallbacks=tuple(dataclasses.replace(f, **overrides) for f in moa.pipeline.fallbacks),
+        layers=tuple(
+            dataclasses.replace(
+                layer, agents=tuple(dataclasses.replace(a, **everyone) for a in layer.agents)
+            )
+            for layer in moa.pipeline.layers
+        ),
+        aggregator=dataclasses.replace(moa.pipeline.aggregator, **writers),
+        fallbacks=tuple(dataclasses.replace(f, **writers) for f in moa.pipeline.fallbacks),
     )
     return MoA(pipeline, moa.providers, name=moa.name, owns_providers=False)
 
