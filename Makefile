@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip
 # llama-cpp-python compiles llama.cpp from source; we need no multimodal library, and skipping it
 # saves about two minutes. pip caches the built wheel, so this happens once per machine.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
-PROMPT ?= In two sentences: why do several models answering together beat one?
+PROMPT ?= In one sentence: why is it useful to ask several people the same question?
 # The browser tests drive the system's Chromium (browsers cannot be downloaded at test time).
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)

@@ -13,7 +13,7 @@ from moa.config import resolve_pipeline
 from moa.presets import PRESETS, preset_config
 
 #: The question `make run` asks (Makefile PROMPT).
-MAKE_RUN_PROMPT = "In two sentences: why do several models answering together beat one?"
+MAKE_RUN_PROMPT = "In one sentence: why is it useful to ask several people the same question?"
 
 
 def _repeats(text: str, span: int = 20, times: int = 3) -> bool:
