@@ -17,11 +17,12 @@ import pytest
 
 from moa.batch.export import export
 from moa.batch.rows import load_rows
-from moa.batch.store import OutputError, OutputStore
+from moa.batch.store import OutputStore
+from moa.errors import OutputError
 from moa.testing import FakeOpenAIServer
 from tests.test_batch import batch, instructions, question, read_output, write_config, write_rows
 
-EXIT_RUN_FAILED, EXIT_USAGE = 1, 2
+EXIT_RUN_FAILED = 1
 
 
 @pytest.fixture(autouse=True)
@@ -74,19 +75,19 @@ def test_a_row_with_a_lone_surrogate_runs_with_a_note_and_never_stops_the_batch(
     assert again.exit_code == 0 and "all 4 rows are already finished" in again.stderr
 
 
-def test_an_output_whose_directory_cannot_be_made_is_one_line_exit_2(
+def test_an_output_whose_directory_cannot_be_made_is_one_line_exit_1(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     config = write_config(tmp_path / "moa.yaml", fake)
     source = write_rows(tmp_path / "in.jsonl", instructions(2))
     (tmp_path / "a-file").write_text("not a directory")
     result = batch(source, "-o", tmp_path / "a-file" / "sub" / "out.jsonl", "-c", config)
-    assert result.exit_code == EXIT_USAGE
+    assert result.exit_code == EXIT_RUN_FAILED  # the output failed; the usage was fine
     assert "cannot use it as the output file" in only_error_line(result.stderr)
     assert fake.requests == []
 
 
-def test_a_leftover_that_cannot_be_removed_is_one_line_exit_2(
+def test_a_leftover_that_cannot_be_removed_is_one_line_exit_1(
     tmp_path: Path, fake: FakeOpenAIServer
 ) -> None:
     config = write_config(tmp_path / "moa.yaml", fake)
@@ -94,7 +95,7 @@ def test_a_leftover_that_cannot_be_removed_is_one_line_exit_2(
     out = tmp_path / "out.jsonl"
     (tmp_path / ".out.jsonl.compacting").mkdir()  # unlink() fails: not "file not found"
     result = batch(source, "-o", out, "-c", config)
-    assert result.exit_code == EXIT_USAGE
+    assert result.exit_code == EXIT_RUN_FAILED
     assert "cannot use it as the output file" in only_error_line(result.stderr)
 
 
@@ -115,9 +116,38 @@ def test_an_export_that_cannot_be_written_is_refused_before_the_run(
         "--export",
         tmp_path / "a-file" / "x.json",
     )
-    assert result.exit_code == EXIT_USAGE
+    assert result.exit_code == EXIT_RUN_FAILED
     assert "cannot write the export there" in only_error_line(result.stderr)
     assert fake.requests == []
+
+
+def test_an_output_held_by_another_batch_is_one_line_exit_1_and_loses_nothing(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    config = write_config(tmp_path / "moa.yaml", fake)
+    source = write_rows(tmp_path / "in.jsonl", instructions(2))
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": 0, "ok": False, "error": "HTTP 500"}) + "\n")
+    before = out.read_bytes()
+    store = OutputStore.open(out)  # a batch writing this output holds its lock
+    try:
+        result = batch(source, "-o", out, "-c", config, "--no-cache")
+    finally:
+        asyncio.run(store.aclose())
+    assert result.exit_code == EXIT_RUN_FAILED
+    assert "another `moa batch` is writing this file" in only_error_line(result.stderr)
+    assert fake.requests == [] and out.read_bytes() == before
+    # Once the other one is done, the same command retries row 0 and runs row 1.
+    assert batch(source, "-o", out, "-c", config, "--no-cache").exit_code == 0
+    assert sorted((r["id"], r["ok"]) for r in read_output(out)) == [(0, True), (1, True)]
+
+
+def test_an_output_that_is_a_directory_is_an_output_error(tmp_path: Path) -> None:
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(OutputError, match="cannot use it as the output file") as caught:
+        OutputStore.open(tmp_path / "out.jsonl")
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
 
 
 def test_an_export_failing_after_the_run_is_an_output_error(tmp_path: Path) -> None:

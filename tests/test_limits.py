@@ -15,7 +15,7 @@ import pytest
 
 from moa.config import ProviderConfig
 from moa.env import Environment
-from moa.errors import RateLimited
+from moa.errors import ProviderStatusError, RateLimited
 from moa.providers import build_providers
 from moa.providers.base import ChatRequest, Completion, StreamChunk
 from moa.providers.limits import RECOVERY_S, RateLimitedProvider, SlowDown
@@ -125,6 +125,28 @@ def test_a_429_pauses_the_whole_provider_and_halves_its_rate(fake: FakeOpenAISer
     assert limited.ended is not None
     assert min(r.started for r in later) - limited.ended >= 0.6 * 0.8
     assert factors == [0.5]
+
+
+def test_a_503_is_a_server_error_not_a_rate_limit(fake: FakeOpenAIServer) -> None:
+    """An overloaded server's 503 is retried after its Retry-After, but it says nothing about
+    our rate: the provider is neither slowed down nor paused, unlike after a 429."""
+    fake.script("m1", Reply(status=503, headers={"retry-after": "30"}))
+    caught: list[ProviderStatusError] = []
+    factors: list[float] = []
+
+    async def test(provider: RateLimitedProvider) -> None:
+        with pytest.raises(ProviderStatusError) as error:
+            await provider.complete(_request(0))
+        caught.append(error.value)
+        factors.append(provider.slow_down.factor())
+        # Not paused for the 30 s the 503 asked for: the next call goes at once.
+        await asyncio.wait_for(provider.complete(_request(1)), timeout=10)
+
+    _with_limits(fake, test, max_concurrency=4)
+    (error,) = caught
+    assert not isinstance(error, RateLimited)
+    assert error.status_code == 503 and error.retryable and error.retry_after == 30
+    assert factors == [1.0]
 
 
 def test_slow_down_recovers_after_quiet_periods() -> None:

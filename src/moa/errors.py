@@ -1,29 +1,39 @@
 """One exception tree for the whole package.
 
     MoAError
-    ├── ConfigError                 bad config file, unknown preset, missing API key (exit code 2)
+    ├── ConfigError                 bad config file, unknown preset, missing API key
     ├── InvalidRequest              a prompt or messages that cannot be run (also a ValueError)
+    │   └── InputFileError              an input file (batch rows, evaluation outputs) unusable
     ├── MissingExtraError           an optional dependency is not installed (also an ImportError)
+    ├── OutputError                 a result could not be written (full disk, a path unusable)
     ├── ProviderError               one upstream call failed; carries provider, model, status
     │   ├── ProviderConnectionError     could not connect, or the connection dropped
     │   ├── ProviderTimeout             a deadline passed (whole call or first token)
-    │   ├── ProviderStatusError         an HTTP error status
-    │   │   ├── RateLimited                 429, with the server's Retry-After if it sent one
+    │   ├── ProviderStatusError         an HTTP error status, with the server's Retry-After
+    │   │   ├── RateLimited                 429: the provider is slowed down, not just retried
     │   │   └── ContextLengthExceeded       the prompt did not fit the model's context
     │   ├── MalformedResponse           a 200 that is not a usable chat completion
     │   └── StreamInterrupted           a stream died after text had arrived (keeps the text)
-    └── RunError                    a MoA run could not produce an answer
-        ├── LayerFailed                 fewer than `min_ok` agents of a layer succeeded
-        ├── AggregatorFailed            the aggregator and all its fallbacks failed
-        └── BudgetExceeded              the next call would pass `max_total_tokens`
+    ├── RunError                    a MoA run could not produce an answer
+    │   ├── LayerFailed                 fewer than `min_ok` agents of a layer succeeded
+    │   ├── AggregatorFailed            the aggregator and all its fallbacks failed
+    │   └── BudgetExceeded              the next call would pass `max_total_tokens`
+    ├── BatchIncomplete             some rows of `moa batch` have no answer; a rerun retries them
+    │   └── WorkersFailed               its worker processes or Ray actors kept dying
+    ├── EvaluationFailed            an evaluation could score nothing
+    ├── ApiError                    (moa serve) a request answered with an error status
+    └── ClientGone                  (moa serve) the client hung up before its body arrived
+
+The CLI exits with 2 for what the user must fix before running again (ConfigError,
+InvalidRequest, MissingExtraError: `USAGE_ERRORS`) and with 1 for every other MoAError.
 
 Messages never contain API keys: providers are named by their config name, not their key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from moa._secrets import redact
 
@@ -31,15 +41,22 @@ if TYPE_CHECKING:
     from moa.results import AgentResult, RunResult
 
 __all__ = [
+    "USAGE_ERRORS",
     "AggregatorFailed",
+    "ApiError",
+    "BatchIncomplete",
     "BudgetExceeded",
+    "ClientGone",
     "ConfigError",
     "ContextLengthExceeded",
+    "EvaluationFailed",
+    "InputFileError",
     "InvalidRequest",
     "LayerFailed",
     "MalformedResponse",
     "MissingExtraError",
     "MoAError",
+    "OutputError",
     "ProviderConnectionError",
     "ProviderError",
     "ProviderStatusError",
@@ -47,6 +64,7 @@ __all__ = [
     "RateLimited",
     "RunError",
     "StreamInterrupted",
+    "WorkersFailed",
 ]
 
 
@@ -60,6 +78,17 @@ class ConfigError(MoAError):
 
 class InvalidRequest(MoAError, ValueError):
     """The prompt or messages given to a run are unusable; the message says which and why."""
+
+
+class InputFileError(InvalidRequest):
+    """An input file (batch rows, outputs to evaluate) cannot be used; the message names the
+    file, the row where there is one, and what was expected."""
+
+
+class OutputError(MoAError):
+    """A result could not be written: a full disk, a path that is a directory or cannot be
+    made, a file another run holds. Not a usage error: what was saved before is kept, and the
+    same command can be run again once the cause is fixed."""
 
 
 class MissingExtraError(MoAError, ImportError):
@@ -115,10 +144,13 @@ class ProviderStatusError(ProviderError):
         message: str,
         *,
         status_code: int,
+        retry_after: float | None = None,
         provider: str = "",
         model: str = "",
         body: str | None = None,
     ) -> None:
+        #: Seconds the server asked us to wait (429, or a 503 while it is overloaded).
+        self.retry_after = retry_after
         super().__init__(
             message, provider=provider, model=model, status_code=status_code, body=body
         )
@@ -130,6 +162,8 @@ class ProviderStatusError(ProviderError):
 
 
 class RateLimited(ProviderStatusError):
+    """429: we sent too much. Unlike a 5xx (the server's trouble), it slows the provider down."""
+
     def __init__(
         self,
         message: str,
@@ -138,11 +172,14 @@ class RateLimited(ProviderStatusError):
         provider: str = "",
         model: str = "",
         body: str | None = None,
-        status_code: int = 429,
     ) -> None:
-        self.retry_after = retry_after
         super().__init__(
-            message, status_code=status_code, provider=provider, model=model, body=body
+            message,
+            status_code=429,
+            retry_after=retry_after,
+            provider=provider,
+            model=model,
+            body=body,
         )
 
 
@@ -204,3 +241,54 @@ class BudgetExceeded(RunError):
             f"max_total_tokens={limit} would be exceeded: {used} tokens used so far and the next "
             f"call may need up to {needed}; raise max_total_tokens or lower max_tokens"
         )
+
+
+class BatchIncomplete(MoAError):
+    """Some rows of a batch have no answer after the run; rerunning retries them."""
+
+
+class WorkersFailed(BatchIncomplete):
+    """The batch's worker processes or Ray actors kept dying (or could not start): the batch
+    stopped; rerunning the same command resumes it."""
+
+
+class EvaluationFailed(MoAError):
+    """Nothing could be scored: every judge call failed or no verdict could be read."""
+
+
+class ApiError(MoAError):
+    """(moa serve) A request we answer with an error status, in OpenAI's format
+    (`moa.server.errors` turns it into a response). Raised anywhere below an endpoint."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+        #: Top-level keys sent beside "error" (the partial `moa` result of a failed run).
+        self.extra = dict(extra or {})
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": error, **self.extra}
+
+
+class ClientGone(MoAError):
+    """(moa serve) The client hung up before its request body had arrived."""
+
+
+#: What the user must fix before running again: the CLI exits with 2 for these, 1 for the rest.
+USAGE_ERRORS: tuple[type[MoAError], ...] = (ConfigError, InvalidRequest, MissingExtraError)

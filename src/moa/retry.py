@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from moa.errors import ProviderError, RateLimited
+from moa.errors import ProviderError, ProviderStatusError
 
 __all__ = ["RetryDecision", "decide_retry"]
 
@@ -34,7 +34,7 @@ def decide_retry(
         return RetryDecision(False, reason="not retryable")
     if attempt >= max_attempts:
         return RetryDecision(False, reason=f"gave up after {attempt} attempts")
-    if isinstance(error, RateLimited) and error.retry_after is not None:
+    if isinstance(error, ProviderStatusError) and error.retry_after is not None:
         if error.retry_after > max_retry_wait:
             return RetryDecision(
                 False,

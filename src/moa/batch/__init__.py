@@ -11,8 +11,8 @@ workers.py   --workers N: worker processes on this machine
 ray_engine.py  --engine ray: the workers as Ray actors
 """
 
-from moa.batch.rows import InputError, Row, load_rows
+from moa.batch.rows import Row, load_rows
 from moa.batch.runner import RowOutcome, run_batch, run_row
 from moa.batch.store import OutputStore
 
-__all__ = ["InputError", "OutputStore", "Row", "RowOutcome", "load_rows", "run_batch", "run_row"]
+__all__ = ["OutputStore", "Row", "RowOutcome", "load_rows", "run_batch", "run_row"]

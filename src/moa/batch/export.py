@@ -23,8 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from moa.batch.rows import InputError, Row
-from moa.batch.store import OutputError
+from moa.batch.rows import Row
+from moa.errors import InputFileError, OutputError
 
 __all__ = [
     "ExportFormat",
@@ -62,7 +62,7 @@ def check_exportable(rows: Sequence[Row], fmt: ExportFormat, source: Path) -> No
         return
     for row in rows:
         if len(row.turns) > 1:
-            raise InputError(
+            raise InputFileError(
                 f"{source} {row.where}: has {len(row.turns)} turns, but {fmt} is "
                 "single-turn: use --format mt_bench (or jsonl) for multi-turn rows"
             )
@@ -78,7 +78,7 @@ def check_export_path(path: Path) -> None:
             pass
         probe.unlink()
     except OSError as error:
-        raise InputError(
+        raise OutputError(
             f"{path}: cannot write the export there ({error.strerror or error}): choose another "
             "--export"
         ) from None

@@ -29,9 +29,9 @@ from moa.batch.progress import BatchStats, ProgressView
 from moa.batch.rows import Row
 from moa.batch.shared_limits import Gatekeeper, Limits, limited_providers
 from moa.batch.store import OutputStore
-from moa.errors import MissingExtraError, MoAError
+from moa.errors import MissingExtraError, WorkersFailed
 
-__all__ = ["GateActor", "RayBatchFailed", "RowActor", "require_ray", "run_on_ray"]
+__all__ = ["GateActor", "RowActor", "require_ray", "run_on_ray"]
 
 #: Namespace of the actors, so a test or an operator can find them (`ray.get_actor`).
 NAMESPACE = "moa-batch"
@@ -46,10 +46,6 @@ def require_ray() -> Any:
     except ImportError as error:
         raise MissingExtraError("moa batch --engine ray", "ray", error.name or "ray") from None
     return ray
-
-
-class RayBatchFailed(MoAError):
-    """Every Ray worker of the batch is gone for good: the batch stopped; rerun to resume."""
 
 
 class GateActor:
@@ -179,14 +175,14 @@ async def run_on_ray(
                     resting[name] = loop.time() + RESTART_PAUSE_S
                     # An actor that cannot come back fails every call: stop rather than spin.
                     if ledger.requeued > give_back_limit:
-                        raise RayBatchFailed(
+                        raise WorkersFailed(
                             f"the Ray workers keep dying ({ledger.requeued} rows given back; "
                             f"last: {error}); rerun the same command to resume"
                         )
                 else:
                     raise error
         if not ledger.finished:
-            raise RayBatchFailed("the Ray workers stopped before every row was run")
+            raise WorkersFailed("the Ray workers stopped before every row was run")
         return ledger
     finally:
         for future in running:  # calls of a failed run: their outcome no longer matters

@@ -19,18 +19,14 @@ from typing import Any, Literal
 
 from moa._text import replace_unencodable
 from moa.engine import normalize_messages
-from moa.errors import InvalidRequest
+from moa.errors import InputFileError, InvalidRequest
 from moa.providers.base import ChatMessage
 
-__all__ = ["InputError", "Row", "RowId", "id_key", "load_rows"]
+__all__ = ["Row", "RowId", "id_key", "load_rows"]
 
 RowId = int | str
 RowKind = Literal["instruction", "turns", "messages"]
 _CONTENT_KEYS: tuple[RowKind, ...] = ("instruction", "turns", "messages")
-
-
-class InputError(InvalidRequest):
-    """The batch input cannot be run as given; the message says where and how to fix it."""
 
 
 def id_key(row_id: RowId) -> str:
@@ -67,23 +63,23 @@ class Row:
 
 
 def load_rows(path: Path) -> list[Row]:
-    """Every row of `path`, or an InputError naming the first problem."""
+    """Every row of `path`, or an InputFileError naming the first problem."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except FileNotFoundError:
-        raise InputError(f"{path}: no such input file") from None
+        raise InputFileError(f"{path}: no such input file") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read it ({error})") from None
+        raise InputFileError(f"{path}: cannot read it ({error})") from None
     items = _parse(path, text)
     if not items:
-        raise InputError(f"{path}: no rows (expected JSONL, or a JSON list of objects)")
+        raise InputFileError(f"{path}: no rows (expected JSONL, or a JSON list of objects)")
     rows: list[Row] = []
     seen: dict[str, str] = {}
     for index, (where, item) in enumerate(items):
         row = _row(path, where, index, item)
         earlier = seen.get(row.key)
         if earlier is not None:
-            raise InputError(
+            raise InputFileError(
                 f"{path} {where}: id {row.id!r} is already used at {earlier}: "
                 "ids must be unique (fix them, or drop the id fields to number rows by position)"
             )
@@ -99,7 +95,7 @@ def _parse(path: Path, text: str) -> list[tuple[str, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise InputError(
+            raise InputFileError(
                 f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
             ) from None
         return [(f"row {number}", item) for number, item in enumerate(data, start=1)]
@@ -110,7 +106,7 @@ def _parse(path: Path, text: str) -> list[tuple[str, Any]]:
         try:
             items.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as error:
-            raise InputError(
+            raise InputFileError(
                 f"{path} line {number}: not valid JSON ({error.msg}): the input must be JSONL "
                 "(one JSON object per line) or a JSON list"
             ) from None
@@ -118,8 +114,8 @@ def _parse(path: Path, text: str) -> list[tuple[str, Any]]:
 
 
 def _row(path: Path, where: str, index: int, item: Any) -> Row:
-    def fail(problem: str) -> InputError:
-        return InputError(f"{path} {where}: {problem}")
+    def fail(problem: str) -> InputFileError:
+        return InputFileError(f"{path} {where}: {problem}")
 
     notes: tuple[str, ...] = ()
     item, replaced = replace_unencodable(item)

@@ -26,22 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from moa._text import replace_unencodable
-from moa.batch.rows import InputError, id_key
-from moa.errors import MoAError
+from moa.batch.rows import id_key
+from moa.errors import OutputError
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory lock, documented limitation
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["OutputError", "OutputStore", "StoredRecord"]
+__all__ = ["OutputStore", "StoredRecord"]
 
 log = logging.getLogger("moa.batch")
-
-
-class OutputError(MoAError):
-    """The output could not be written once the run had started (a full disk, say): the run
-    failed (exit code 1), every row saved before is kept, and rerunning resumes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +79,13 @@ class OutputStore:
 
     @classmethod
     def open(cls, path: Path) -> OutputStore:
-        """Open (or create) the output; any file-system refusal is one InputError line."""
+        """Open (or create) the output; any file-system refusal is one OutputError line."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _compact_leftover(path)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as error:
-            raise InputError(
+            raise OutputError(
                 f"{path}: cannot use it as the output file ({_reason(error)}): choose another "
                 "--output, or fix the directory"
             ) from None
@@ -100,7 +95,7 @@ class OutputStore:
             store._recover()
         except OSError as error:
             os.close(fd)
-            raise InputError(f"{path}: cannot read the output file ({_reason(error)})") from None
+            raise OutputError(f"{path}: cannot read the output file ({_reason(error)})") from None
         except BaseException:
             os.close(fd)
             raise
@@ -288,7 +283,7 @@ def _lock(fd: int, path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise InputError(
+        raise OutputError(
             f"{path}: another `moa batch` is writing this file; wait for it or use another --output"
         ) from None
 

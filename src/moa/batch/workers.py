@@ -34,15 +34,11 @@ from moa.batch.progress import BatchStats, ProgressView
 from moa.batch.rows import Row
 from moa.batch.shared_limits import Gatekeeper, limited_providers
 from moa.batch.store import OutputStore
-from moa.errors import ConfigError, MoAError
+from moa.errors import ConfigError, MoAError, WorkersFailed
 
-__all__ = ["WorkersFailed", "run_with_workers"]
+__all__ = ["run_with_workers"]
 
 _HEADER = struct.Struct("!I")
-
-
-class WorkersFailed(MoAError):
-    """The worker processes kept dying (or could not start): the batch stopped; rerun to resume."""
 
 
 async def _send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:

@@ -1,6 +1,7 @@
 """The `moa` command. Each face lives in its own module; this one wires them and owns errors.
 
-Exit codes: 0 success, 2 bad usage or config, 1 a run that failed. Errors are one line on
+Exit codes: 0 success, 2 bad usage, config or input (`moa.errors.USAGE_ERRORS`: fix it and run
+again), 1 a run that failed or a result that could not be written. Errors are one line on
 stderr; -v adds the traceback and debug logging.
 """
 
@@ -15,7 +16,7 @@ import click
 
 from moa._version import __version__
 from moa.env import install_redaction
-from moa.errors import ConfigError, InvalidRequest, MissingExtraError, MoAError
+from moa.errors import USAGE_ERRORS, MissingExtraError, MoAError
 
 __all__ = ["cli", "main"]
 
@@ -31,7 +32,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
-        except (ConfigError, InvalidRequest, MissingExtraError) as error:
+        except USAGE_ERRORS as error:
             _fail(ctx, error, EXIT_USAGE)
         except MoAError as error:
             _fail(ctx, error, EXIT_RUN_FAILED)
@@ -85,24 +86,16 @@ def _setup_tracing() -> None:
 
 
 def _register() -> None:
-    from moa.cli import run
+    # Each command module imports its extra's packages only when the command runs, so every
+    # command is listed (and says what to install) whatever extras are present.
+    from moa.cli import batch, evaluate, mcp, run, serve
 
-    cli.add_command(run.ask)
-    cli.add_command(run.chat)
-    cli.add_command(run.presets)
-    for module_name, command_name in (
-        ("serve", "serve"),
-        ("batch", "batch"),
-        ("evaluate", "eval"),
-        ("mcp", "mcp"),
-    ):
-        try:
-            module = __import__(f"moa.cli.{module_name}", fromlist=[command_name])
-        except ModuleNotFoundError as error:
-            if error.name != f"moa.cli.{module_name}":
-                raise
-            continue
-        cli.add_command(module.command, command_name)
+    for command in (run.ask, run.chat, run.presets):
+        cli.add_command(command)
+    cli.add_command(serve.command, "serve")
+    cli.add_command(batch.command, "batch")
+    cli.add_command(evaluate.command, "eval")
+    cli.add_command(mcp.command, "mcp")
 
 
 _register()

@@ -32,15 +32,11 @@ from moa.cli.batch_scale import Engine, run_scaled
 from moa.cli.options import environment, load_selected, pipeline_options
 from moa.config import ConfigFile, Pipeline, resolve_pipeline
 from moa.engine import MoA, open_pipelines
-from moa.errors import ConfigError, MoAError
+from moa.errors import BatchIncomplete, ConfigError
 from moa.providers.base import Provider
 from moa.providers.cache import CachedProvider, CallCache, cache_base_url, default_cache_path
 
-__all__ = ["BatchIncomplete", "command"]
-
-
-class BatchIncomplete(MoAError):
-    """Some rows have no answer after the run (exit code 1); rerunning retries them."""
+__all__ = ["command"]
 
 
 @click.command()

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from moa.errors import MoAError
+from moa.errors import EvaluationFailed, InputFileError
 from moa.evaluation.inputs import (
-    InputFileError,
     OutputSet,
     load_answers,
     load_outputs,
@@ -66,10 +65,6 @@ __all__ = [
     "win_rate",
     "write_json",
 ]
-
-
-class EvaluationFailed(MoAError):
-    """Nothing could be scored: every judge call failed or no verdict could be read."""
 
 
 async def evaluate_pairwise(

@@ -7,8 +7,8 @@ Accepted for pairwise, in a JSON list or as JSON Lines:
   `turns` or `messages`) beside the output are read the same way;
 - AlpacaEval model outputs: objects with `instruction`, `output` and `generator`.
 
-A file that cannot be read, is not JSON, or has no usable row is an `InputFileError` (a
-ConfigError, so the CLI exits 2) naming the file and what to fix. Single unusable rows are
+A file that cannot be read, is not JSON, or has no usable row is an `InputFileError` (the CLI
+exits 2) naming the file and what to fix. Single unusable rows are
 counted by reason, never fatal.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa.errors import ConfigError
+from moa.errors import InputFileError
 from moa.evaluation.mt_bench import ModelAnswer, Question
 from moa.evaluation.pairwise import PairItem
 from moa.providers.base import ChatMessage
@@ -43,10 +43,6 @@ _PAIRWISE_FORMATS = (
     "expected `moa batch` output (rows with id, ok, output and the input row) "
     "or AlpacaEval model outputs (a JSON list of objects with instruction and output)"
 )
-
-
-class InputFileError(ConfigError):
-    """An input file that cannot be used; the message names it and says what was expected."""
 
 
 def _read_records(path: Path, expected: str) -> Iterator[tuple[int, Any]]:

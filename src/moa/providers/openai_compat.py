@@ -319,16 +319,17 @@ class OpenAICompatibleProvider:
         text = raw.decode("utf-8", "replace")
         body = _clip(text)
         message = f"HTTP {status}: {_error_message(text, reason)}"
+        # Retry-After means something on a 429 and a 503 (RFC 9110); elsewhere it is ignored.
+        retry_after = parse_retry_after(headers) if status in (429, 503) else None
         if status == 429:
-            return RateLimited(message, retry_after=parse_retry_after(headers), body=body, **where)
+            return RateLimited(message, retry_after=retry_after, body=body, **where)
         if status in (400, 413, 422) and any(s in (body or "").lower() for s in _CONTEXT_SIGNS):
             return ContextLengthExceeded(message, status_code=status, body=body, **where)
-        retry_after = parse_retry_after(headers)
-        if status == 503 and retry_after is not None:
-            return RateLimited(
-                message, retry_after=retry_after, body=body, status_code=503, **where
-            )
-        return ProviderStatusError(message, status_code=status, body=body, **where)
+        # A 503 is the server's trouble, not our rate: its Retry-After is obeyed by the retry
+        # loop, but the provider's limits are not halved as after a 429.
+        return ProviderStatusError(
+            message, status_code=status, retry_after=retry_after, body=body, **where
+        )
 
     def _translate(self, error: BaseException, model: str) -> ProviderError:
         """Map transport exceptions onto our tree, keeping no reference to the client."""

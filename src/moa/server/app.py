@@ -31,15 +31,15 @@ from starlette.routing import Route
 
 from moa import tracing
 from moa.engine import MoA, close_providers
+from moa.errors import ClientGone
 from moa.server.chat import ChatRun, with_answer_settings
 from moa.server.completions import completions_endpoint
 from moa.server.connections import DEFAULT_BODY_TIMEOUT_S
 from moa.server.cors import cors_middleware
-from moa.server.errors import SERVER_ERROR, ApiError, json_response
+from moa.server.errors import SERVER_ERROR, ApiError, error_response, json_response
 from moa.server.events import start_run
 from moa.server.guards import (
     ApiKeys,
-    ClientGone,
     GuardMiddleware,
     Lifecycle,
     RunSlots,
@@ -230,7 +230,7 @@ async def _chat_completions(request: Request) -> Response | ChatRun:
 
 async def _api_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, ApiError)
-    return error.response()
+    return error_response(error)
 
 
 async def _client_gone(request: Request, error: Exception) -> Response:
@@ -249,11 +249,11 @@ async def _http_error(request: Request, error: Exception) -> Response:
     else:
         message = str(error.detail)
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-    return ApiError(error.status_code, message, code=code, headers=error.headers).response()
+    return error_response(ApiError(error.status_code, message, code=code, headers=error.headers))
 
 
 async def _internal_error(request: Request, error: Exception) -> Response:
     # Starlette logs the traceback after this answer is sent.
-    return ApiError(
-        500, "internal error: see the server log", type=SERVER_ERROR, code="internal"
-    ).response()
+    return error_response(
+        ApiError(500, "internal error: see the server log", type=SERVER_ERROR, code="internal")
+    )

@@ -28,6 +28,7 @@ from moa.server.errors import (
     UPSTREAM_ERROR,
     ApiError,
     error_body,
+    error_response,
     json_bytes,
     json_response,
 )
@@ -147,7 +148,7 @@ class ChatRun:
                 self.slot.release()
         except RunError as error:
             log.warning("%s (model %s): %s", self.id, self.moa.name, error)
-            response = run_error(error, self.moa.name).response()
+            response = error_response(run_error(error, self.moa.name))
         else:
             response = json_response(self._completion(result), headers=self._headers())
         await response(scope, no_receive, send)

@@ -15,8 +15,9 @@ from typing import Any
 from starlette.responses import Response
 
 from moa.env import redact
+from moa.errors import ApiError
 
-__all__ = ["ApiError", "error_body", "json_bytes", "json_response"]
+__all__ = ["ApiError", "error_body", "error_response", "json_bytes", "json_response"]
 
 INVALID_REQUEST = "invalid_request_error"
 RATE_LIMIT = "rate_limit_error"
@@ -24,35 +25,8 @@ SERVER_ERROR = "server_error"
 UPSTREAM_ERROR = "upstream_error"
 
 
-class ApiError(Exception):
-    """A request we answer with an error status. Raised anywhere below an endpoint."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = INVALID_REQUEST,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = dict(headers or {})
-        #: Top-level keys sent beside "error" (the partial `moa` result of a failed run).
-        self.extra = dict(extra or {})
-
-    def body(self) -> dict[str, Any]:
-        return {**error_body(self.message, self.type, self.param, self.code), **self.extra}
-
-    def response(self) -> Response:
-        return json_response(self.body(), self.status, self.headers)
+def error_response(error: ApiError) -> Response:
+    return json_response(error.body(), error.status, error.headers)
 
 
 def error_body(

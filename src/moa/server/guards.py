@@ -13,14 +13,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moa._secrets import check_key
 from moa.env import register_secret
-from moa.errors import ConfigError
+from moa.errors import ClientGone, ConfigError
 from moa.server.connections import DEFAULT_BODY_TIMEOUT_S
-from moa.server.errors import RATE_LIMIT, SERVER_ERROR, ApiError
+from moa.server.errors import RATE_LIMIT, SERVER_ERROR, ApiError, error_response
 
 __all__ = [
     "REDIRECT_FIELDS",
     "ApiKeys",
-    "ClientGone",
     "GuardMiddleware",
     "Lifecycle",
     "RunSlots",
@@ -182,7 +181,7 @@ class GuardMiddleware:
         elif self.keys and (path == "/v1" or path.startswith("/v1/") or path in self.protect):
             refusal = self._check_key(scope)
         if refusal is not None:
-            await refusal.response()(scope, receive, send)
+            await error_response(refusal)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -240,10 +239,6 @@ class Slot:
         if self._slots is not None:
             self._slots.in_use -= 1
             self._slots = None
-
-
-class ClientGone(Exception):
-    """The client hung up before its request body had arrived."""
 
 
 async def read_body(

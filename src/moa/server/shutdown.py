@@ -14,7 +14,7 @@ import logging
 
 from starlette.types import Message, Scope, Send
 
-from moa.server.errors import SERVER_ERROR, ApiError, error_body, json_bytes
+from moa.server.errors import SERVER_ERROR, ApiError, error_body, error_response, json_bytes
 
 __all__ = ["SHUTDOWN_MESSAGE", "ResponseTracker", "answer_cut_short"]
 
@@ -57,7 +57,7 @@ async def answer_cut_short(scope: Scope, send: ResponseTracker, request_id: str)
                 code=_CODE,
                 headers={"Retry-After": "1", "Connection": "close"},
             )
-            await error.response()(scope, _nothing, send)
+            await error_response(error)(scope, _nothing, send)
             return
         body = json_bytes(error_body(SHUTDOWN_MESSAGE, SERVER_ERROR, code=_CODE))
         await send(
