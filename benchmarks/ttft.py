@@ -17,10 +17,11 @@ It prints p50/p95 of time to first token and of end-to-end time, each as a ratio
 wait-all measured in the same run.
 
 With `--embedded N` it runs instead N questions of the quality set (benchmarks/data/
-quality.jsonl, every k-th row so that each category is in) on the embedded model, as the
-`local` preset does (3 proposers, max_tokens lowered to 64 to keep the run short), once with
-the aggregator waiting and once as a staircase, one question at a time, and prints TTFT and
-accuracy (scored as `moa eval match` does) of both.
+quality.jsonl, every k-th row so that each category is in) on the embedded model: 3 proposers
+(greedy, and two seeded samples at 0.7, so that both modes get the same candidates), a greedy
+synthesizing aggregator, max_tokens 64 to keep the run short. It runs once with the aggregator
+waiting and once as a staircase, one question at a time, and prints TTFT and accuracy (scored
+as `moa eval match` does) of both, and their paired difference.
 
     python benchmarks/ttft.py [--runs 8] [--cases tail,straggler] [--modes ...]
     python benchmarks/ttft.py --embedded 24
@@ -180,6 +181,7 @@ async def measure(base_url: str, case: str, mode: str, runs: int) -> dict[str, l
 
 
 def embedded(count: int) -> None:
+    from moa.evaluation.accuracy import mcnemar_exact
     from moa.evaluation.scoring import is_correct
 
     rows = [
@@ -191,11 +193,18 @@ def embedded(count: int) -> None:
     print(f"embedded model, {len(rows)} questions of the quality set, one at a time")
     figures: dict[str, tuple[list[float], list[float], list[bool]]] = {}
     for mode in ("wait", "staircase"):
+        # Seeded proposers and a greedy aggregator: both modes see the same candidates, so
+        # the comparison is paired and only the aggregator's way of reading them differs.
         data: dict[str, Any] = {
             "providers": {"local": {"type": "llama-cpp"}},
-            "proposers": [{"temperature": t} for t in (0.6, 0.8, 1.0)],
-            "aggregator": {"temperature": 0.3, "mode": mode},
+            "proposers": [
+                {"temperature": 0.0},
+                {"temperature": 0.7, "seed": 1},
+                {"temperature": 0.7, "seed": 2},
+            ],
+            "aggregator": {"temperature": 0.0, "mode": mode},
             "max_tokens": 64,
+            "timeout": 600,
         }
         ttfts, totals, right = [], [], []
         with MoA.from_config(parse_config(data)) as moa:
@@ -207,7 +216,7 @@ def embedded(count: int) -> None:
                 ttfts.append(result.ttft_s or totals[-1])
                 right.append(is_correct(result.output, row["answers"], question=row["instruction"]))
         figures[mode] = (ttfts, totals, right)
-    base_ttft, base_total, _ = figures["wait"]
+    base_ttft, base_total, base_right = figures["wait"]
     for mode, (ttfts, totals, right) in figures.items():
         accuracy = sum(right) / len(right)
         error = math.sqrt(accuracy * (1 - accuracy) / len(right))
@@ -218,6 +227,15 @@ def embedded(count: int) -> None:
             f"({pct(totals, 0.5) / pct(base_total, 0.5):.2f} x wait), "
             f"accuracy {100 * accuracy:.1f} % ± {100 * error:.1f}"
         )
+    right = figures["staircase"][2]
+    gained = sum(s and not w for s, w in zip(right, base_right, strict=True))
+    lost = sum(w and not s for s, w in zip(right, base_right, strict=True))
+    diffs = [float(s) - float(w) for s, w in zip(right, base_right, strict=True)]
+    paired_se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    print(
+        f"staircase - wait: {100 * statistics.mean(diffs):+.1f} ± {100 * paired_se:.1f} points "
+        f"(paired SE), {gained} gained, {lost} lost, McNemar p = {mcnemar_exact(gained, lost):.2f}"
+    )
 
 
 def pct(values: list[float], q: float) -> float:

@@ -72,14 +72,19 @@ def test_every_agent_streams_its_text_between_its_start_and_its_finish(
     assert all(r.stream for r in fake.requests)
 
 
-def test_without_agent_text_no_agent_deltas_and_proposers_answer_whole(
+def test_without_agent_text_no_agent_deltas_and_proposers_stream_only_for_the_cut_off(
     fake: FakeOpenAIServer, make_moa
 ) -> None:
     moa = make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"})
     events = _collect(moa, agent_text=False)
     assert not any(isinstance(e, AgentTextDelta) for e in events)
-    assert [r.stream for r in fake.requests_for("p1") + fake.requests_for("p2")] == [False, False]
+    # The straggler cut-off listens to the proposers' streams, to tell a hung one from a slow.
+    assert [r.stream for r in fake.requests_for("p1") + fake.requests_for("p2")] == [True, True]
     assert fake.requests_for("agg")[0].stream
+    fake.reset()
+    moa = make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"}, wait="all")
+    _collect(moa, agent_text=False)
+    assert [r.stream for r in fake.requests_for("p1") + fake.requests_for("p2")] == [False, False]
 
 
 def test_a_proposer_cut_midway_streams_its_part_then_fails_and_stays_out_of_the_references(

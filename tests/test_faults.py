@@ -242,7 +242,7 @@ def test_a_stream_cut_midway_in_the_aggregator_is_an_error_with_the_partial_text
 def test_a_stream_cut_in_a_proposer_fails_that_proposer_only(
     fake: FakeOpenAIServer, make_moa
 ) -> None:
-    # Proposers are not streamed, so a cut is a broken response: retried like a 5xx.
+    # Nobody is shown a proposer's text here, so a cut is a broken response: retried like a 5xx.
     fake.script("p1", Reply(text="x" * 50, cut_after_chunks=1))
     result = run(make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"}))
     assert result.layers[0].agents[0].attempts == 2 and result.layers[0].agents[0].ok

@@ -230,8 +230,12 @@ async def call_agent(
     *,
     budget: RunBudget,
     on_text: Callable[[str], None] | None = None,
+    quiet: bool = False,
 ) -> AgentResult:
-    """Run one agent to an AgentResult. With `on_text`, stream and hand over text as it comes."""
+    """Run one agent to an AgentResult. With `on_text`, stream and hand over text as it comes.
+
+    `quiet`: `on_text` only listens (the straggler cut-off), nobody is shown the text, so a
+    stream that breaks midway is retried like a broken response instead of failing the call."""
     agent = call.agent
     started = time.monotonic()
     usage = Usage()
@@ -301,7 +305,7 @@ async def call_agent(
             usage = usage + spent
             budget.settle(reserved, spent.total_tokens)
             log.debug("%s attempt %d failed: %s", call_label(call), attempts, error.describe())
-            if isinstance(error, StreamInterrupted):
+            if isinstance(error, StreamInterrupted) and not quiet:  # a retry would repeat text
                 return result(
                     "failed", output=error.partial, error=error.describe(), failure="transient"
                 )

@@ -445,21 +445,30 @@ class MoA:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         deadline = None if layer.timeout is None else loop.time() + layer.timeout
+        watch = StragglerWatch(
+            layer.cutoff,
+            len(layer.agents),
+            layer.min_ok,
+            loop.time(),
+            self._uncuttable(layer),
+            clock=loop.time,
+        )
         tasks: dict[asyncio.Task[AgentResult], int] = {}
         for index, agent in enumerate(layer.agents):
             call = self._call(agent, conversation, references, number, index)
             emit(AgentStarted(number, index, agent.provider, agent.model))
             on_text = _agent_text(emit, number, index) if agent_text else None
-            task = asyncio.create_task(self._call_agent(call, budget, on_text))
+            if watch.watches(index):  # it streams, so that silence tells hung from slow
+                on_text = watch.listen(index, on_text)
+            task = asyncio.create_task(
+                self._call_agent(call, budget, on_text, quiet=not agent_text)
+            )
             tasks[task] = index
         results: dict[int, AgentResult] = {}
         pending = set(tasks)
-        watch = StragglerWatch(
-            layer.cutoff, len(layer.agents), layer.min_ok, loop.time(), self._uncuttable(layer)
-        )
         try:
             while pending:
-                cut_at = watch.deadline() if watch.stragglers(tasks[t] for t in pending) else None
+                cut_at = watch.deadline(tasks[t] for t in pending)
                 wake = min((t for t in (deadline, cut_at) if t is not None), default=None)
                 timeout = None if wake is None else max(0.0, wake - loop.time())
                 done, pending = await asyncio.wait(
@@ -475,11 +484,10 @@ class MoA:
                     results[tasks[task]] = result
                     emit(AgentFinished(result))
                     if result.ok:
-                        watch.answered(loop.time())
+                        watch.answered(tasks[task], loop.time())
                 if deadline is not None and loop.time() >= deadline:
                     break
-                cut_at = watch.deadline()
-                if cut_at is not None and loop.time() >= cut_at:
+                if watch.due((tasks[t] for t in pending), loop.time()):
                     pending -= await self._cut(pending, tasks, watch, layer, number, emit, results)
                 ok = sum(r.ok for r in results.values())
                 if ok + len(pending) < layer.min_ok:
@@ -513,15 +521,19 @@ class MoA:
         return LayerResult(number, ordered, time.monotonic() - started)
 
     async def _call_agent(
-        self, call: AgentCall, budget: RunBudget, on_text: Callable[[str], None] | None
+        self,
+        call: AgentCall,
+        budget: RunBudget,
+        on_text: Callable[[str], None] | None,
+        quiet: bool = False,
     ) -> AgentResult:
         agent = call.agent
         provider = self.providers[agent.provider]
         if agent.hedge_after is None:
-            run = call_agent(provider, call, budget=budget, on_text=on_text)
+            run = call_agent(provider, call, budget=budget, on_text=on_text, quiet=quiet)
         else:
             backup = self.providers[agent.hedge_provider or agent.provider]
-            run = call_hedged(provider, backup, call, budget=budget, on_text=on_text)
+            run = call_hedged(provider, backup, call, budget=budget, on_text=on_text, quiet=quiet)
         return await tracing.traced_call(call, self.pipeline.providers, run)
 
     def _uncuttable(self, layer: Layer) -> frozenset[int]:
@@ -545,14 +557,16 @@ class MoA:
     ) -> set[asyncio.Task[AgentResult]]:
         """Cancel the stragglers among `pending`; mark them cancelled, with why. Returns them."""
         loop = asyncio.get_running_loop()
-        cut = {t for t in pending if tasks[t] in watch.stragglers([tasks[t]])}
+        now = loop.time()
+        due = set(watch.due((tasks[t] for t in pending), now))
+        cut = {t for t in pending if tasks[t] in due}
         for task in cut:
             task.cancel()
         await asyncio.gather(*cut, return_exceptions=True)
-        reason = watch.reason(loop.time())
         for task in sorted(cut, key=tasks.__getitem__):
             index = tasks[task]
             agent = layer.agents[index]
+            reason = watch.reason(index, now)
             if not task.cancelled() and task.exception() is None:  # it answered meanwhile
                 results[index] = task.result()
             else:

@@ -198,7 +198,11 @@ class MalformedResponse(ProviderError):
 
 
 class StreamInterrupted(ProviderError):
-    """The stream broke after `partial` had been received; never passed off as an answer."""
+    """The stream broke after `partial` had been received; never passed off as an answer.
+
+    Retried only where no one was shown the partial text (see `moa.calls.call_agent`)."""
+
+    retryable = True
 
     def __init__(self, message: str, *, partial: str, provider: str = "", model: str = "") -> None:
         self.partial = partial

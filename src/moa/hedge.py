@@ -177,9 +177,10 @@ async def call_hedged(
     *,
     budget: RunBudget,
     on_text: Callable[[str], None] | None = None,
+    quiet: bool = False,
 ) -> AgentResult:
     """`call_agent` with hedging; the result's `hedge` says which request won, if one was sent."""
     assert call.agent.hedge_after is not None
     hedged = HedgedProvider(primary, backup, call.agent.hedge_after)
-    result = await call_agent(hedged, call, budget=budget, on_text=on_text)
+    result = await call_agent(hedged, call, budget=budget, on_text=on_text, quiet=quiet)
     return dataclasses.replace(result, hedge=hedged.winner)

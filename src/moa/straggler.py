@@ -1,13 +1,20 @@
 """Straggler cut-off: once a layer has its answers, a hung agent costs about a second, not
 its whole timeout (times its retries).
 
-    layer start ──► answers arrive ──► enough are in ──► cut at max(f × median, median + floor)
+    layer start ──► answers arrive ──► enough are in ──► cut whoever is past its cut-off
 
 "Enough" is `min_ok` answers and at least half of the layer, so that the median is the median
-of the layer and not of its fastest agent. The cut-off is measured from the layer's start, with
-the median of the usable answers' latencies so far, recomputed as answers keep arriving (a late
-healthy answer moves it out). With the defaults (f = 1.5, floor 1 s) an agent is cut when it is
-1.5 times as slow as the layer's median and at least a second behind it.
+of the layer and not of its fastest agent. Cut-offs are measured from the layer's start, with
+medians over the usable answers so far, recomputed as answers keep arriving (a late healthy
+answer moves them out). With the defaults (f = 1.5, floor 1 s) an agent is cut when it is 1.5
+times as slow as the layer's median and at least a second behind it, where "slow" means:
+
+- for an agent that has sent no text yet: slow to its **first token**, against the median
+  time to first token of the answers in. Every answer streams while the layer watches, so a
+  hung agent shows as silence early, and is cut as soon as enough answers are in, however long
+  those answers took to write;
+- for an agent that is writing: slow to **finish**, against the median answer time. An agent
+  that is still writing is slow, not hung, and gets the whole grace period.
 
 Agents on the embedded model are never cut: its calls queue on one thread, so a late one is
 waiting its turn, not hung.
@@ -16,7 +23,8 @@ waiting its turn, not hung.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 __all__ = ["DEFAULT_CUTOFF", "Cutoff", "StragglerWatch"]
@@ -47,28 +55,75 @@ class StragglerWatch:
     started: float
     #: Indices of agents never cut (the embedded model's).
     exempt: frozenset[int] = frozenset()
+    #: The layer's clock (the event loop's), for `listen`.
+    clock: Callable[[], float] = time.monotonic
     _latencies: list[float] = field(default_factory=list)
+    #: Seconds from the layer's start to each agent's first text, once it has sent some.
+    _first_text: dict[int, float] = field(default_factory=dict)
+    #: The same, for the usable answers only.
+    _answers_first_text: list[float] = field(default_factory=list)
 
-    def answered(self, at: float) -> None:
-        """A usable answer arrived at loop time `at`."""
+    def watches(self, index: int) -> bool:
+        """Whether this agent may be cut (its text is then worth listening to)."""
+        return self.cutoff is not None and index not in self.exempt
+
+    def listen(self, index: int, forward: Callable[[str], None] | None) -> Callable[[str], None]:
+        """An `on_text` for agent `index` that notes when its text starts, then forwards it."""
+
+        def on_text(text: str) -> None:
+            if index not in self._first_text:
+                self._first_text[index] = self.clock() - self.started
+            if forward is not None:
+                forward(text)
+
+        return on_text
+
+    def answered(self, index: int, at: float) -> None:
+        """Agent `index` gave a usable answer at loop time `at`."""
         self._latencies.append(at - self.started)
+        if index in self._first_text:
+            self._answers_first_text.append(self._first_text[index])
 
     @property
     def median(self) -> float:
         return statistics.median(self._latencies) if self._latencies else 0.0
 
-    def deadline(self) -> float | None:
-        """Loop time at which stragglers are cut, or None (not enough answers yet, or off)."""
-        enough = max(self.min_ok, (self.agents + 1) // 2)
-        if self.cutoff is None or len(self._latencies) < enough:
+    @property
+    def median_first_text(self) -> float:
+        first = self._answers_first_text
+        return statistics.median(first) if first else 0.0
+
+    def _enough(self) -> bool:
+        return len(self._latencies) >= max(self.min_ok, (self.agents + 1) // 2)
+
+    def _silent(self, index: int) -> bool:
+        """No text from this agent yet, while the answers in did stream theirs."""
+        return index not in self._first_text and bool(self._answers_first_text)
+
+    def cut_at(self, index: int) -> float | None:
+        """Loop time at which agent `index` is cut if still running, or None (not yet known)."""
+        if self.cutoff is None or index in self.exempt or not self._enough():
             return None
-        return self.started + self.cutoff.after(self.median)
+        median = self.median_first_text if self._silent(index) else self.median
+        return self.started + self.cutoff.after(median)
 
-    def stragglers(self, running: Iterable[int]) -> list[int]:
-        return [index for index in running if index not in self.exempt]
+    def deadline(self, running: Iterable[int]) -> float | None:
+        """The earliest cut among the agents still running, or None."""
+        times = [t for t in map(self.cut_at, running) if t is not None]
+        return min(times, default=None)
 
-    def reason(self, now: float) -> str:
-        return (
-            f"cut off as a straggler: no answer after {now - self.started:.1f} s, when the "
-            f"layer's median was {self.median:.1f} s (set wait: all to wait for every agent)"
-        )
+    def due(self, running: Iterable[int], now: float) -> list[int]:
+        """The agents among `running` to cut at loop time `now`."""
+        return [i for i in running if (t := self.cut_at(i)) is not None and now >= t]
+
+    def reason(self, index: int, now: float) -> str:
+        waited = now - self.started
+        if self._silent(index):
+            what = (
+                f"no first token after {waited:.1f} s, when the layer's answers had theirs "
+                f"within a median {self.median_first_text:.1f} s"
+            )
+        else:
+            what = f"no answer after {waited:.1f} s, when the layer's median was "
+            what += f"{self.median:.1f} s"
+        return f"cut off as a straggler: {what} (set wait: all to wait for every agent)"
