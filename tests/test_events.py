@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moa.config import parse_config
-from moa.engine import open_pipelines
+from moa.engine import MoA, open_pipelines
 from moa.results import Event, event_from_dict, event_to_dict
 from moa.server import BackgroundServer, create_app
+from moa.server.events import pipeline_shape
 from moa.server.ui import CONTENT_SECURITY_POLICY
 from moa.testing import FakeOpenAIServer, Reply
 from tests.conftest import ConfigMaker, agents
@@ -157,6 +158,28 @@ def test_a_run_streams_every_agent_event_then_done(
     assert done.result.output == "the final answer"  # type: ignore[union-attr]
     assert [a.output for a in done.result.layers[0].agents] == ["p1 answer 0", "p2 answer 0"]  # type: ignore[union-attr]
     assert events[-1]["cost"] == {"usd": None, "unpriced_calls": 5}
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "calls"),
+    [
+        ({}, 1),
+        ({"strategy": "confidence"}, 0),  # chosen among the candidates: no aggregator call
+        ({"strategy": "vote"}, 0),
+        ({"strategy": "select"}, 1),
+        ({"window": 2}, 2),  # three candidates, two at a time: two steps
+        ({"mode": "staircase"}, None),  # as many steps as the proposers' writing takes
+    ],
+)
+def test_the_run_shape_counts_the_aggregator_calls_its_strategy_makes(
+    make_config: ConfigMaker, aggregator: dict[str, Any], calls: int | None
+) -> None:
+    config = make_config(
+        proposers=[{"model": "p1"}, {"model": "p2"}, {"model": "p3"}],
+        aggregator={"model": "agg", **aggregator},
+    )
+    with MoA.from_config(config) as moa:
+        assert pipeline_shape(moa)["aggregator_calls"] == calls
 
 
 def test_done_carries_the_cost_when_prices_are_set(fake: FakeOpenAIServer) -> None:

@@ -38,6 +38,7 @@ from moa.server.chat import EventSender, run_error, run_unless_disconnected, wit
 from moa.server.guards import Slot, read_body
 from moa.server.schema import parse_chat_request
 from moa.server.shutdown import ResponseTracker, answer_cut_short
+from moa.strategies import window_chunks
 
 if TYPE_CHECKING:
     from moa.server.app import ServerState
@@ -59,7 +60,23 @@ def pipeline_shape(moa: MoA) -> dict[str, Any]:
         "layers": [[agent(a.provider, a.model) for a in layer.agents] for layer in pipeline.layers],
         "aggregator": agent(pipeline.aggregator.provider, pipeline.aggregator.model),
         "fallbacks": [agent(f.provider, f.model) for f in pipeline.fallbacks],
+        "aggregator_calls": _aggregator_calls(moa),
     }
+
+
+def _aggregator_calls(moa: MoA) -> int | None:
+    """Calls the aggregator step makes when nothing fails; None when it depends on the run (a
+    staircase makes one call a step, as many steps as the proposers' writing takes)."""
+    pipeline = moa.pipeline
+    aggregation = pipeline.aggregation
+    if pipeline.staircase is not None:
+        return None
+    if aggregation.strategy in ("vote", "confidence"):  # a choice among the candidates
+        return 0
+    if aggregation.window is not None:
+        candidates = len(pipeline.layers[-1].agents) if pipeline.layers else 0
+        return len(window_chunks(candidates, aggregation.window))
+    return 1
 
 
 async def start_run(request: Request) -> EventRun:

@@ -158,10 +158,16 @@ export class RunView {
       agents.forEach((agent, j) => this.card(i + 1, j, agent));
     });
     this.card(event.layers.length + 1, 0, event.aggregator, true);
-    const calls = event.layers.reduce((n, agents) => n + agents.length, 0) + 1;
+    // aggregator_calls: 0 when the final answer is chosen among the candidates, null when it
+    // depends on the run (staircase steps).
+    const proposerCalls = event.layers.reduce((n, agents) => n + agents.length, 0);
+    const calls =
+      event.aggregator_calls === null
+        ? `${proposerCalls} calls + the aggregator's steps`
+        : `${proposerCalls + event.aggregator_calls} calls`;
     this.layersSummary.textContent = `Agents · ${event.layers.length} layer${
       event.layers.length === 1 ? "" : "s"
-    } + aggregator · ${calls} calls`;
+    } + aggregator · ${calls}`;
   }
 
   on_agent_started(event) {
