@@ -382,7 +382,7 @@ def test_bad_input_is_one_clear_line_and_leaves_the_output_alone(
 def test_a_missing_input_file_is_a_usage_error(tmp_path: Path, setup: dict[str, Path]) -> None:
     result = batch(tmp_path / "nope.jsonl", "-o", setup["out"], "-c", setup["config"])
     assert result.exit_code == 2
-    assert "no such input file" in result.stderr
+    assert "nope.jsonl: no such file" in result.stderr
     assert not setup["out"].exists()
 
 

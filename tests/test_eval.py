@@ -428,7 +428,7 @@ def test_rows_with_ids_on_both_sides_match_by_id(tmp_path: Path) -> None:
         (None, "no such file"),
         ("", "no usable rows"),
         ('{"id": 1, "ok": false, "output": ""}\n', "no usable rows (1 failed in the batch"),
-        ('{"id": 1, "output": "x", "prompt": "p"}\nnot json\n', ":2: not a JSON object"),
+        ('{"id": 1, "output": "x", "prompt": "p"}\nnot json\n', " line 2: not valid JSON"),
         ('[{"output": "x"}', "not valid JSON"),
         ('[{"output": "x"}]', "no usable rows (1 no prompt"),
     ],

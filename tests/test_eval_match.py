@@ -183,7 +183,7 @@ def test_reference_rows_supply_the_answers(tmp_path: Path) -> None:
     ("content", "message"),
     [
         (None, "no such file"),
-        ("{not json\n", "not a JSON object"),
+        ("{not json\n", "line 1: not valid JSON"),
         ('{"id": "1", "ok": true, "output": "x", "row": {"instruction": "q"}}\n', "no reference"),
         (
             '{"id": "1", "ok": true, "output": "x", "row": {"instruction": "q", "answers": []}}\n',

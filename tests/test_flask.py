@@ -266,7 +266,7 @@ def test_a_bad_flask_file_is_one_error_line(
     )
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("error: ") and message in line and "flask_eval.jsonl:1" in line
+    assert line.startswith("error: ") and message in line and "flask_eval.jsonl line 1" in line
 
 
 def test_a_plot_with_an_unknown_suffix_fails_before_judging(

@@ -13,16 +13,15 @@ run, atomically, so it never holds half a file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from moa._files import write_atomically
 from moa.batch.rows import Row
 from moa.errors import InputFileError, OutputError
 
@@ -71,7 +70,7 @@ def check_exportable(rows: Sequence[Row], fmt: ExportFormat, source: Path) -> No
 def check_export_path(path: Path) -> None:
     """Refuse, before anything runs, an export that could not be written after the whole run:
     its directory is created and a file is made and removed in it."""
-    probe = _temporary(path)
+    probe = path.with_name(f".{path.name}.writing")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb"):
@@ -113,7 +112,7 @@ def export(
             for row, record in finished
         )
     try:
-        _write_atomically(path, text)
+        write_atomically(path, text)
     except OSError as error:
         raise OutputError(
             f"{path}: cannot write the export ({error.strerror or error}); the answers are "
@@ -161,21 +160,3 @@ def _timestamp(value: Any) -> float | None:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
         return None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary(path)
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.writing")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from moa._files import alpaca_prompt, read_records
 from moa._text import replace_unencodable
 from moa.engine import normalize_messages
 from moa.errors import InputFileError, InvalidRequest
@@ -25,8 +26,8 @@ from moa.providers.base import ChatMessage
 __all__ = ["Row", "RowId", "id_key", "load_rows"]
 
 RowId = int | str
-RowKind = Literal["instruction", "turns", "messages"]
-_CONTENT_KEYS: tuple[RowKind, ...] = ("instruction", "turns", "messages")
+_CONTENT_KEYS = ("instruction", "turns", "messages")
+_FORMATS = "rows with 'instruction', 'turns' or 'messages'"
 
 
 def id_key(row_id: RowId) -> str:
@@ -39,7 +40,6 @@ class Row:
     """One input row, checked and ready to run."""
 
     id: RowId
-    kind: RowKind
     #: Messages before the first turn (an OpenAI row's system prompt and earlier exchanges).
     history: tuple[ChatMessage, ...]
     #: The user's messages, run one after another, each with the earlier answers in the history.
@@ -64,13 +64,7 @@ class Row:
 
 def load_rows(path: Path) -> list[Row]:
     """Every row of `path`, or an InputFileError naming the first problem."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
-    except FileNotFoundError:
-        raise InputFileError(f"{path}: no such input file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputFileError(f"{path}: cannot read it ({error})") from None
-    items = _parse(path, text)
+    items = read_records(path, _FORMATS)
     if not items:
         raise InputFileError(f"{path}: no rows (expected JSONL, or a JSON list of objects)")
     rows: list[Row] = []
@@ -86,31 +80,6 @@ def load_rows(path: Path) -> list[Row]:
         seen[row.key] = where
         rows.append(row)
     return rows
-
-
-def _parse(path: Path, text: str) -> list[tuple[str, Any]]:
-    """(where, value) for every row; a JSON list if the text starts with '[', else JSONL."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise InputFileError(
-                f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-            ) from None
-        return [(f"row {number}", item) for number, item in enumerate(data, start=1)]
-    items: list[tuple[str, Any]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise InputFileError(
-                f"{path} line {number}: not valid JSON ({error.msg}): the input must be JSONL "
-                "(one JSON object per line) or a JSON list"
-            ) from None
-    return items
 
 
 def _row(path: Path, where: str, index: int, item: Any) -> Row:
@@ -147,12 +116,9 @@ def _row(path: Path, where: str, index: int, item: Any) -> Row:
 
     history: tuple[ChatMessage, ...] = ()
     if kind == "instruction":
-        instruction = item[instruction_key]
-        if not isinstance(instruction, str) or not instruction.strip():
+        instruction = alpaca_prompt(item, instruction_key)
+        if instruction is None:
             raise fail(f"{instruction_key!r} must be a non-empty string")
-        extra = item.get("input")
-        if isinstance(extra, str) and extra.strip():  # Alpaca's optional context for the task
-            instruction = f"{instruction}\n\n{extra}"
         turns: tuple[str, ...] = (instruction,)
     elif kind == "turns":
         raw = item["turns"]
@@ -172,6 +138,4 @@ def _row(path: Path, where: str, index: int, item: Any) -> Row:
         except InvalidRequest as error:
             raise fail(f"messages: {error}") from None
         history, turns = tuple(messages[:-1]), (messages[-1]["content"],)
-    return Row(
-        id=row_id, kind=kind, history=history, turns=turns, data=item, where=where, notes=notes
-    )
+    return Row(id=row_id, history=history, turns=turns, data=item, where=where, notes=notes)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moa._files import write_atomically
 from moa._text import replace_unencodable
 from moa.batch.rows import id_key
 from moa.errors import OutputError
@@ -227,20 +228,10 @@ class OutputStore:
         atomic, so a kill during it leaves either the old file or the new one."""
         lines = _read_lines(self.path)
         keep = set(_authoritative(lines).values())
-        temporary = _temporary(self.path)
-        try:
-            with open(temporary, "wb") as target:
-                for index, (line, record) in enumerate(lines):
-                    if record is None or index in keep:
-                        target.write(line + b"\n")
-                target.flush()
-                os.fsync(target.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
-        _fsync_directory(self.path.parent)
+        kept = [
+            line + b"\n" for i, (line, record) in enumerate(lines) if record is None or i in keep
+        ]
+        write_atomically(self.path, b"".join(kept), temporary=_temporary(self.path))
         self._superseded = 0
 
 
@@ -286,12 +277,3 @@ def _lock(fd: int, path: Path) -> None:
         raise OutputError(
             f"{path}: another `moa batch` is writing this file; wait for it or use another --output"
         ) from None
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not possible on every platform; the rename still holds
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

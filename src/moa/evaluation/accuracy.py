@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa.evaluation.inputs import InputFileError, _read_records
+from moa._files import read_records
+from moa.errors import InputFileError
 from moa.evaluation.scoring import MatchMode, is_correct
 
 __all__ = [
@@ -227,8 +228,8 @@ def _row_id(record: Mapping[str, Any], position: int) -> str | None:
 def load_references(path: Path) -> dict[str, Reference]:
     """Reference answers by row id from a batch input file."""
     references: dict[str, Reference] = {}
-    for position, (number, record) in enumerate(_read_records(path, _ROWS_FORMAT)):
-        where = f"{path}:{number}"
+    for position, (line, record) in enumerate(read_records(path, _ROWS_FORMAT)):
+        where = f"{path} {line}"
         if not isinstance(record, Mapping):
             raise InputFileError(f"{where}: not a JSON object; {_ROWS_FORMAT}")
         row_id = _row_id(record, position)
@@ -284,7 +285,7 @@ def load_scored(
     def skip(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
 
-    for position, (number, record) in enumerate(_read_records(path, _OUTPUT_FORMAT)):
+    for position, (line, record) in enumerate(read_records(path, _OUTPUT_FORMAT)):
         if not isinstance(record, Mapping):
             skip("not a JSON object")
             continue
@@ -300,7 +301,7 @@ def load_scored(
         if references is not None:
             reference = references.get(row_id)
         else:
-            reference = _reference(row, f"{path}:{number}")
+            reference = _reference(row, f"{path} {line}")
         if reference is None:
             skip("no reference answers")
             continue

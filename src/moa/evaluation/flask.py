@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa.evaluation.inputs import InputFileError, read_records
+from moa._files import read_records
+from moa.errors import InputFileError
 from moa.evaluation.judges import Judge, block, visible_text
 from moa.prompts import fence_token
 from moa.providers.base import ChatMessage
@@ -204,8 +205,8 @@ def _item_id(value: Any) -> str | None:
 def load_flask_items(path: Path) -> dict[str, FlaskItem]:
     """FLASK rows by id, in file order. A malformed row is an error, not a silent gap."""
     items: dict[str, FlaskItem] = {}
-    for number, record in read_records(path, _ITEM_FORMAT):
-        where = f"{path}:{number}"
+    for line, record in read_records(path, _ITEM_FORMAT):
+        where = f"{path} {line}"
         if not isinstance(record, Mapping):
             raise InputFileError(f"{where}: not a JSON object; {_ITEM_FORMAT}")
         item_id = _item_id(_first(record, "question_id", "idx", "id"))

@@ -15,12 +15,14 @@ counted by reason, never fatal.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa.errors import InputFileError
+from moa._files import alpaca_prompt, read_records
+from moa.engine import normalize_messages
+from moa.errors import InputFileError, InvalidRequest
 from moa.evaluation.mt_bench import ModelAnswer, Question
 from moa.evaluation.pairwise import PairItem
 from moa.providers.base import ChatMessage
@@ -35,51 +37,12 @@ __all__ = [
     "load_questions",
     "load_reference_answers",
     "match_outputs",
-    "read_records",
 ]
 
-_ROLES = ("system", "user", "assistant")
 _PAIRWISE_FORMATS = (
     "expected `moa batch` output (rows with id, ok, output and the input row) "
     "or AlpacaEval model outputs (a JSON list of objects with instruction and output)"
 )
-
-
-def _read_records(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each record of a JSON list or a JSON Lines file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputFileError(f"{path}: is a directory; give the file itself") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputFileError(f"{path}: cannot read it ({error})") from None
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise InputFileError(
-                f"{path}: not valid JSON at line {error.lineno}, column {error.colno} "
-                f"({error.msg}); {expected}"
-            ) from None
-        for number, record in enumerate(data, start=1):
-            yield number, record
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputFileError(
-                f"{path}:{number}: not a JSON object ({error.msg}); {expected}, "
-                "one JSON object per line or one JSON list"
-            ) from None
-
-
-#: Public name for the other evaluations' readers.
-read_records = _read_records
 
 
 # --- pairwise -------------------------------------------------------------------------------
@@ -122,29 +85,20 @@ def _messages(raw: Any) -> tuple[tuple[ChatMessage, ...], tuple[str, ...]] | Non
     """History and the last user turn of an OpenAI message list."""
     if not isinstance(raw, list) or not raw:
         return None
-    messages: list[ChatMessage] = []
-    for message in raw:
-        if not isinstance(message, Mapping):
-            return None
-        role, content = message.get("role"), message.get("content")
-        if role not in _ROLES or not isinstance(content, str):
-            return None
-        messages.append({"role": role, "content": content})
     # A row may carry its answer as the last message; the judge sees that as the response.
-    if messages[-1]["role"] == "assistant":
-        messages.pop()
-    if not messages or messages[-1]["role"] != "user":
+    if isinstance(raw[-1], Mapping) and raw[-1].get("role") == "assistant":
+        raw = raw[:-1]
+    try:
+        messages = normalize_messages(raw)
+    except InvalidRequest:
         return None
     return tuple(messages[:-1]), (messages[-1]["content"],)
 
 
 def _prompt(source: Mapping[str, Any]) -> tuple[tuple[ChatMessage, ...], tuple[str, ...]] | None:
     """(history, user turns) of a row, read as `moa batch` reads its input."""
-    instruction = source.get("instruction", source.get("prompt"))
-    if isinstance(instruction, str) and instruction.strip():
-        extra = source.get("input")
-        if isinstance(extra, str) and extra.strip():  # Alpaca's optional context for the task
-            instruction = f"{instruction}\n\n{extra}"
+    instruction = alpaca_prompt(source, "instruction" if "instruction" in source else "prompt")
+    if instruction is not None:
         return (), (instruction,)
     turns = source.get("turns")
     if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
@@ -194,7 +148,7 @@ def load_outputs(path: Path, name: str | None = None) -> OutputSet:
     file's stem."""
     rows: list[OutputRow] = []
     skipped: dict[str, int] = {}
-    for _, record in _read_records(path, _PAIRWISE_FORMATS):
+    for _, record in read_records(path, _PAIRWISE_FORMATS):
         row = _row(record)
         if isinstance(row, str):
             skipped[row] = skipped.get(row, 0) + 1
@@ -296,8 +250,8 @@ def load_questions(path: Path) -> dict[str, Question]:
     """Questions by id, in file order. A malformed question is an error: without it the
     benchmark would silently shrink."""
     questions: dict[str, Question] = {}
-    for number, record in _read_records(path, _QUESTION_FORMAT):
-        where = f"{path}:{number}"
+    for line, record in read_records(path, _QUESTION_FORMAT):
+        where = f"{path} {line}"
         if not isinstance(record, Mapping):
             raise InputFileError(f"{where}: not a JSON object; {_QUESTION_FORMAT}")
         qid = _question_id(record.get("question_id"))
@@ -367,7 +321,7 @@ def load_answers(path: Path) -> tuple[list[ModelAnswer], dict[str, int]]:
     """Answers in file order, and the records set aside by reason."""
     answers: list[ModelAnswer] = []
     skipped: dict[str, int] = {}
-    for _, record in _read_records(path, _ANSWER_FORMAT):
+    for _, record in read_records(path, _ANSWER_FORMAT):
         answer = _answer(record)
         if isinstance(answer, str):
             skipped[answer] = skipped.get(answer, 0) + 1

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moa._files import write_atomically
 from moa.evaluation.mt_bench import CategoryScores, MTBenchReport, Score
 from moa.evaluation.pairwise import PairwiseReport, SystemInfo
 
@@ -260,7 +261,4 @@ def mt_bench_json(report: MTBenchReport) -> dict[str, Any]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write the report; a partial file is never left behind under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)
+    write_atomically(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
