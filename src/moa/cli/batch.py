@@ -29,24 +29,31 @@ from moa.batch.rows import Row, load_rows
 from moa.batch.runner import pipeline_fingerprint, run_batch
 from moa.batch.store import OutputStore
 from moa.cli.batch_scale import Engine, run_scaled
-from moa.cli.options import environment, load_selected, pipeline_options
+from moa.cli.options import (
+    FILE,
+    cache_file,
+    cache_options,
+    environment,
+    load_selected,
+    pipeline_options,
+)
 from moa.config import ConfigFile, Pipeline, resolve_pipeline
 from moa.engine import MoA, open_pipelines
 from moa.errors import BatchIncomplete, ConfigError
 from moa.providers.base import Provider
-from moa.providers.cache import CachedProvider, CallCache, cache_base_url, default_cache_path
+from moa.providers.cache import CachedProvider, CallCache, cache_base_url
 
 __all__ = ["command"]
 
 
 @click.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=FILE)
 @click.option(
     "-o",
     "--output",
     "output_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="JSONL of results, one line per row; rerun with the same file to resume.",
 )
 @pipeline_options
@@ -71,7 +78,7 @@ __all__ = ["command"]
 @click.option(
     "--export",
     "export_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Where --format writes (default: beside OUT, answers.jsonl → "
     "answers.alpaca_eval.json, answers.mt_bench.jsonl or answers.flask.jsonl).",
 )
@@ -82,13 +89,7 @@ __all__ = ["command"]
     help="Accept an OUT whose finished rows another pipeline made: they are kept, and exported "
     "under their own generator name.",
 )
-@click.option(
-    "--cache",
-    "cache_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The call cache file (default: calls.sqlite3 in the user cache directory).",
-)
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the call cache.")
+@cache_options
 @click.option(
     "--progress-interval",
     type=click.FloatRange(min=0),
@@ -141,8 +142,7 @@ def command(
     (FLASK); its id is `id`, `question_id`, `idx` or its position. Exit code 1 if some rows
     failed: rerun to retry.
     """
-    if no_cache and cache_path is not None:
-        raise click.UsageError("give either --cache or --no-cache, not both")
+    cache = cache_file(cache_path, no_cache)
     if export_path is not None and export_format == "jsonl":
         raise click.UsageError("--export needs --format alpaca_eval, mt_bench or flask")
     config, selected = load_selected(config_path, preset)
@@ -169,7 +169,7 @@ def command(
             concurrency=concurrency,
             generator=generator,
             keep_other_pipelines=keep_other_pipelines,
-            cache_path=None if no_cache else (cache_path or default_cache_path()),
+            cache_path=cache,
             progress_interval=progress_interval,
             fmt=fmt,
             export_path=export_path,

@@ -22,12 +22,20 @@ from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from moa.cli.options import (
+    FILE,
+    cache_file,
+    cache_options,
+    config_option,
+    env_file_option,
+    options,
+)
+from moa.cli.report import finish_report, report_options
 from moa.config import Agent, ProviderConfig, load_config
 from moa.engine import MoA
 from moa.env import Environment
 from moa.errors import ConfigError
 from moa.evaluation import (
-    EvaluationFailed,
     MTBenchReport,
     PairwiseReport,
     evaluate_mt_bench,
@@ -40,16 +48,15 @@ from moa.evaluation import (
     mt_bench_markdown,
     pairwise_json,
     pairwise_markdown,
-    write_json,
 )
 from moa.evaluation.judges import Judge
 from moa.evaluation.length_control import length_controlled as fit_from_results
 from moa.evaluation.length_control import length_controlled_json, length_controlled_markdown
-from moa.evaluation.plots import check_plot_path, plot_mt_bench, plot_pairwise
+from moa.evaluation.plots import plot_mt_bench, plot_pairwise
 from moa.presets import PRESETS, preset_config
 from moa.providers import build_providers
 from moa.providers.base import Provider
-from moa.providers.cache import CachedProvider, CallCache, cache_base_url, default_cache_path
+from moa.providers.cache import CachedProvider, CallCache, cache_base_url
 
 __all__ = ["command"]
 
@@ -79,9 +86,9 @@ class JudgeOptions:
 
 
 def judge_options(func: F) -> F:
-    """The options every evaluation shares: who judges, how many calls at once, the cache,
-    where the JSON goes."""
-    decorators = [
+    """The options every judged evaluation shares: who judges, how many calls at once, the
+    cache."""
+    return options(
         click.option(
             "--judge",
             metavar="PROVIDER/MODEL",
@@ -100,19 +107,11 @@ def judge_options(func: F) -> F:
             help="Judge with a whole MoA pipeline defined in --config (`moa` for a config's "
             "inline pipeline).",
         ),
-        click.option(
-            "-c",
-            "--config",
-            "config_path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="A YAML file whose `providers:` --judge names (it needs no pipeline), or "
-            "whose pipelines --judge-pipeline names.",
+        config_option(
+            "A YAML file whose `providers:` --judge names (it needs no pipeline), or whose "
+            "pipelines --judge-pipeline names."
         ),
-        click.option(
-            "--env-file",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="A .env file to read API keys from.",
-        ),
+        env_file_option(),
         click.option(
             "--judge-max-tokens",
             type=click.IntRange(min=16),
@@ -127,19 +126,8 @@ def judge_options(func: F) -> F:
             show_default=True,
             help="Judge calls in flight at once.",
         ),
-        click.option(
-            "--cache",
-            "cache_path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="The call cache file (default: the per-user cache shared with `moa batch`).",
-        ),
-        click.option(
-            "--no-cache", is_flag=True, help="Ask the judge again even for calls made before."
-        ),
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+        cache_options,
+    )(func)
 
 
 def _builtin_providers() -> dict[str, ProviderConfig]:
@@ -265,12 +253,11 @@ def _pipeline_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
 
 @contextlib.contextmanager
 def _opened_cache(options: JudgeOptions) -> Iterator[CallCache | None]:
-    if options.no_cache:
-        if options.cache_path is not None:
-            raise click.UsageError("give --cache or --no-cache, not both")
+    path = cache_file(options.cache_path, options.no_cache)
+    if path is None:
         yield None
         return
-    cache = CallCache(options.cache_path or default_cache_path())
+    cache = CallCache(path)
     try:
         yield cache
     finally:
@@ -332,15 +319,6 @@ def _progress_hooks(
     return on_start, on_done
 
 
-def _warn_failures(failed: int, first_error: str | None) -> None:
-    if failed:
-        click.echo(
-            f"warning: {failed} judge call{'s' if failed > 1 else ''} failed"
-            + (f" (first: {first_error})" if first_error else ""),
-            err=True,
-        )
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def command() -> None:
     """Judge outputs with an LLM (pairwise win rates, MT-Bench grades) or score short
@@ -360,26 +338,17 @@ def command() -> None:
 
 
 @command.command()
-@click.argument("a_path", metavar="A", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("b_path", metavar="B", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("a_path", metavar="A", type=FILE)
+@click.argument("b_path", metavar="B", type=FILE)
 @judge_options
 @click.option("--name-a", help="What to call system A (default: its generator or file name).")
 @click.option("--name-b", help="What to call system B.")
 @click.option("--limit", type=click.IntRange(min=1), help="Judge only the first N matched items.")
-@click.option(
-    "--output-json",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the full report, every verdict included, as JSON here.",
-)
+@report_options("every verdict included")
 @click.option(
     "--length-controlled",
     is_flag=True,
     help="Also report the length-controlled win rate, fitted on this judge's verdicts.",
-)
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw the report as a chart here (.png, .svg or .pdf; needs the [plot] extra).",
 )
 def pairwise(
     a_path: Path,
@@ -405,8 +374,6 @@ def pairwise(
     shown beside the raw one.
     """
     options = JudgeOptions(**judge)
-    if plot is not None:
-        check_plot_path(plot)
     a = load_outputs(a_path, name_a)
     b = load_outputs(b_path, name_b)
 
@@ -415,54 +382,42 @@ def pairwise(
         return await evaluate_pairwise(judge, a, b, limit=limit, on_start=on_start, on_done=on_done)
 
     report = _run_judged(options, work)
+    markdown, data = pairwise_markdown(report), pairwise_json(report)
     controlled = fit_from_results(report.results) if length_controlled else None
-    click.echo(pairwise_markdown(report), nl=False)
     if length_controlled:
-        click.echo(length_controlled_markdown(controlled, report.judge), nl=False)
-    if output_json is not None:
-        data = pairwise_json(report)
-        if length_controlled:
-            data["length_controlled"] = length_controlled_json(controlled)
-        write_json(output_json, data)
-    if plot is not None:
-        plot_pairwise(report, plot, controlled)
-    failures = [j for r in report.results for j in r.judgments if j.failed]
-    _warn_failures(len(failures), failures[0].problem if failures else None)
-    if report.summary.scored == 0:
-        raise EvaluationFailed(
-            "no item could be scored: every item lacks a readable verdict "
-            f"({report.summary.failed_calls} judge calls failed, "
-            f"{report.summary.unparseable} verdicts unparseable)"
-        )
+        markdown += length_controlled_markdown(controlled, report.judge)
+        data["length_controlled"] = length_controlled_json(controlled)
+    finish_report(
+        markdown,
+        data,
+        output_json=output_json,
+        plot=plot,
+        draw=lambda path: plot_pairwise(report, path, controlled),
+        judged=[j for r in report.results for j in r.judgments],
+        scored=report.summary.scored > 0,
+        nothing="no item could be scored: every item lacks a readable verdict",
+        unreadable="verdicts unparseable",
+    )
 
 
 @command.command("mt-bench")
-@click.argument("answers_path", metavar="ANSWERS", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("answers_path", metavar="ANSWERS", type=FILE)
 @click.option(
     "-q",
     "--questions",
     "questions_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="The questions (MT-Bench question.jsonl: question_id, category, turns, reference).",
 )
 @click.option(
     "--reference-answers",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Reference answers in model-answer format, shown to the judge for their questions.",
 )
 @judge_options
 @click.option("--limit", type=click.IntRange(min=1), help="Grade only the first N questions.")
-@click.option(
-    "--output-json",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the full report, every grade and judge reply included, as JSON here.",
-)
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw the report as a chart here (.png, .svg or .pdf; needs the [plot] extra).",
-)
+@report_options("every grade and judge reply included")
 def mt_bench(
     answers_path: Path,
     questions_path: Path,
@@ -479,8 +434,6 @@ def mt_bench(
     two-turn exchange, and the reference answer where the question has one.
     """
     options = JudgeOptions(**judge)
-    if plot is not None:
-        check_plot_path(plot)
     questions = load_questions(questions_path)
     if reference_answers is not None:
         questions = load_reference_answers(reference_answers, questions)
@@ -501,19 +454,18 @@ def mt_bench(
         )
 
     report = _run_judged(options, work)
-    click.echo(mt_bench_markdown(report), nl=False)
-    if output_json is not None:
-        write_json(output_json, mt_bench_json(report))
-    if plot is not None:
-        plot_mt_bench(report, plot)
-    failures = [g for g in report.grades if g.failed]
-    _warn_failures(len(failures), failures[0].problem if failures else None)
-    if not any(g.score is not None for g in report.grades):
-        raise EvaluationFailed(
-            f"no turn could be graded: {len(failures)} judge calls failed, "
-            f"{sum(g.score is None and not g.failed for g in report.grades)} grades unparseable"
-            + ("" if report.grades else " (no answer matches a question id)")
-        )
+    finish_report(
+        mt_bench_markdown(report),
+        mt_bench_json(report),
+        output_json=output_json,
+        plot=plot,
+        draw=lambda path: plot_mt_bench(report, path),
+        judged=report.grades,
+        scored=any(g.score is not None for g in report.grades),
+        nothing="no turn could be graded",
+        unreadable="grades unparseable",
+        unmatched="no answer matches a question id",
+    )
 
 
 # Subcommands kept in modules of their own register themselves on `command` when imported.

@@ -8,13 +8,14 @@ from typing import Any
 import click
 from rich.progress import Progress
 
-from moa.cli.evaluate import JudgeOptions, _progress_hooks, _run_judged, _warn_failures, command
+from moa.cli.evaluate import JudgeOptions, _progress_hooks, _run_judged, command
 from moa.cli.evaluate import judge_options as _judge_options
-from moa.evaluation import EvaluationFailed, write_json
+from moa.cli.options import FILE
+from moa.cli.report import finish_report, report_options
 from moa.evaluation.flask import FlaskReport, evaluate_flask, load_flask_answers, load_flask_items
 from moa.evaluation.flask_report import flask_json, flask_markdown
 from moa.evaluation.judges import Judge
-from moa.evaluation.plots import check_plot_path, plot_flask
+from moa.evaluation.plots import plot_flask
 
 __all__ = ["flask"]
 
@@ -25,29 +26,20 @@ __all__ = ["flask"]
     metavar="ANSWERS...",
     nargs=-1,
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
 )
 @click.option(
     "-q",
     "--questions",
     "items_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="The FLASK evaluation rows (flask_evaluation.jsonl: id, instruction, reference "
     "answer, skills, domain, difficulty).",
 )
 @_judge_options
 @click.option("--limit", type=click.IntRange(min=1), help="Grade only the first N items.")
-@click.option(
-    "--output-json",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the full report, every judge reply included, as JSON here.",
-)
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw a radar chart of the skills here (.png, .svg or .pdf; needs the [plot] extra).",
-)
+@report_options("every judge reply included", chart="a radar chart of the skills")
 def flask(
     answers_paths: tuple[Path, ...],
     items_path: Path,
@@ -64,8 +56,6 @@ def flask(
     with a rubric per skill.
     """
     options = JudgeOptions(**judge)
-    if plot is not None:
-        check_plot_path(plot)
     items = load_flask_items(items_path)
     systems = []
     names: set[str] = set()
@@ -90,16 +80,15 @@ def flask(
         )
 
     report = _run_judged(options, work)
-    click.echo(flask_markdown(report), nl=False)
-    if output_json is not None:
-        write_json(output_json, flask_json(report))
-    if plot is not None:
-        plot_flask(report, plot)
-    failures = [g for g in report.grades if g.failed]
-    _warn_failures(len(failures), failures[0].problem if failures else None)
-    if not any(g.mean is not None for g in report.grades):
-        raise EvaluationFailed(
-            f"no answer could be scored: {len(failures)} judge calls failed, "
-            f"{sum(g.problem is not None and not g.failed for g in report.grades)} replies "
-            "without readable scores" + ("" if report.grades else " (no answer matches an item id)")
-        )
+    finish_report(
+        flask_markdown(report),
+        flask_json(report),
+        output_json=output_json,
+        plot=plot,
+        draw=lambda path: plot_flask(report, path),
+        judged=report.grades,
+        scored=any(g.mean is not None for g in report.grades),
+        nothing="no answer could be scored",
+        unreadable="replies without readable scores",
+        unmatched="no answer matches an item id",
+    )

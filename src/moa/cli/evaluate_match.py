@@ -7,24 +7,23 @@ from pathlib import Path
 import click
 
 from moa.cli.evaluate import command
-from moa.evaluation import write_json
+from moa.cli.options import FILE
+from moa.cli.report import finish_report, report_options
 from moa.evaluation.accuracy import compare, load_references, load_scored
 from moa.evaluation.match_report import match_json, match_markdown
-from moa.evaluation.plots import check_plot_path, plot_match
+from moa.evaluation.plots import plot_match
 from moa.evaluation.scoring import MATCH_MODES, MatchMode
 
 __all__ = ["match"]
 
 
 @command.command()
-@click.argument("answers_path", metavar="ANSWERS", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument(
-    "other_path", metavar="[OTHER]", required=False, type=click.Path(dir_okay=False, path_type=Path)
-)
+@click.argument("answers_path", metavar="ANSWERS", type=FILE)
+@click.argument("other_path", metavar="[OTHER]", required=False, type=FILE)
 @click.option(
     "--reference",
     "reference_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="The input rows carrying `answer`/`answers` (matched by id), when ANSWERS does not.",
 )
 @click.option(
@@ -38,16 +37,8 @@ __all__ = ["match"]
 )
 @click.option("--name-a", help="What to call ANSWERS (default: its generator or file name).")
 @click.option("--name-b", help="What to call OTHER.")
-@click.option(
-    "--output-json",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the report, every row's output and verdict included, as JSON here.",
-)
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw accuracy per category with error bars here (.png, .svg or .pdf; needs the "
-    "[plot] extra).",
+@report_options(
+    "every row's output and verdict included", chart="accuracy per category with error bars"
 )
 def match(
     answers_path: Path,
@@ -67,15 +58,15 @@ def match(
     OTHER, a second output of the same rows, it also compares the two row by row: the rows
     that flipped and an exact McNemar test.
     """
-    if plot is not None:
-        check_plot_path(plot)
     references = load_references(reference_path) if reference_path is not None else None
     systems = [load_scored(answers_path, mode=mode, name=name_a, references=references)]
     if other_path is not None:
         systems.append(load_scored(other_path, mode=mode, name=name_b, references=references))
     paired = compare(systems[0], systems[1]) if len(systems) == 2 else None
-    click.echo(match_markdown(systems, paired), nl=False)
-    if output_json is not None:
-        write_json(output_json, match_json(systems, paired))
-    if plot is not None:
-        plot_match(systems, plot)
+    finish_report(
+        match_markdown(systems, paired),
+        match_json(systems, paired),
+        output_json=output_json,
+        plot=plot,
+        draw=lambda path: plot_match(systems, path),
+    )

@@ -6,37 +6,21 @@ from pathlib import Path
 
 import click
 
-from moa.cli.options import environment, load_selected
+from moa.cli.options import environment, load_selected, serving_options
 from moa.engine import open_pipelines
 
 # moa.mcp_server needs the [mcp] extra: it is imported when the command runs.
 
 
 @click.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A YAML config file; each of its pipelines can be asked (a single pipeline is 'moa').",
-)
-@click.option("-p", "--preset", help="A preset to serve (default: the local preset).")
-@click.option(
-    "--env-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A .env file to read API keys from.",
+@serving_options(
+    "A YAML config file; each of its pipelines can be asked (a single one is 'moa').",
+    "A preset to serve (default: the local preset).",
+    "A .env file to read API keys from.",
+    only="With --http: ",
+    clients="MCP clients",
 )
 @click.option("--http", is_flag=True, help="Serve streamable HTTP at http://HOST:PORT/mcp.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="With --http: the address.")
-@click.option(
-    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="With --http."
-)
-@click.option(
-    "--allow-unauthenticated",
-    is_flag=True,
-    help="With --http: listen on a non-loopback address although MCP clients are not "
-    "authenticated (only behind something that checks them).",
-)
 def command(
     config_path: Path | None,
     preset: str | None,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from moa.cli.options import environment, load_selected
+from moa.cli.options import environment, load_selected, serving_options
 from moa.engine import open_pipelines
 
 # The server modules need the [server] extra: they are imported when the command runs, so the
@@ -18,35 +18,12 @@ _MIB = 1024 * 1024
 
 
 @click.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A YAML config file. Each pipeline under 'pipelines:' is a model of that name; a "
-    "single pipeline is the model 'moa'.",
-)
-@click.option(
-    "-p", "--preset", help="A preset, served as a model of its name (default: the local preset)."
-)
-@click.option(
-    "--env-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A .env file to read API keys (and MOA_API_KEYS) from.",
-)
-@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8000,
-    show_default=True,
-    help="The port to listen on (0: any free port).",
-)
-@click.option(
-    "--allow-unauthenticated",
-    is_flag=True,
-    help="Serve a non-loopback address without MOA_API_KEYS (only behind something that "
-    "checks clients).",
+@serving_options(
+    "A YAML config file. Each pipeline under 'pipelines:' is a model of that name; a single "
+    "pipeline is the model 'moa'.",
+    "A preset, served as a model of its name (default: the local preset).",
+    "A .env file to read API keys (and MOA_API_KEYS) from.",
+    clients="clients (MOA_API_KEYS)",
 )
 @click.option(
     "--max-concurrency",
