@@ -135,13 +135,13 @@ def run_in_process(
     from moa.batch.rows import load_rows
     from moa.batch.runner import run_batch as run_rows
     from moa.batch.store import OutputStore
-    from moa.config import load_config, resolve_pipeline
+    from moa.config import load_config
     from moa.engine import MoA
     from moa.providers.cache import CachedProvider, CallCache
     from moa.providers.limits import RateLimitedProvider
 
     config = load_config(config_path)
-    pipeline = resolve_pipeline(config, config.providers)
+    pipeline = config.resolve()
     rows = load_rows(source)
 
     async def go() -> None:

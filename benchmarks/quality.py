@@ -160,16 +160,14 @@ def embedded_systems(threads: int | None) -> list[System]:
 def preset_as_derived(settings: dict[str, Any], temperature: float) -> Derived | None:
     """The seeded `local` preset as a row read from the candidates, if it is `confidence` over
     the first k of them (k <= 7); None if it must run on its own."""
-    from moa.config import parse_config, resolve_pipeline
+    from moa.config import parse_config
 
     preset = _seeded_preset("local")
     k = sum(a.get("samples", 1) for a in preset.get("proposers", []))
     if k > 7:
         return None
     ours = _pipeline(settings, _candidates(k, temperature), "confidence", 2, None)
-    mine, theirs = (
-        resolve_pipeline(c, c.providers) for c in (parse_config(preset), parse_config(ours))
-    )
+    mine, theirs = (parse_config(c).resolve() for c in (preset, ours))
     aggregation = mine.aggregation
     if (
         len(mine.layers) != 1

@@ -13,7 +13,6 @@ import pytest
 
 from moa import MoA
 from moa.config import ConfigFile
-from moa.engine import open_pipelines
 from moa.env import Environment
 from moa.providers.base import ChatRequest, Completion, StreamChunk
 from moa.providers.cache import (
@@ -182,12 +181,7 @@ def test_a_rerun_of_a_pipeline_makes_no_calls(
 
         async def run_once(config: ConfigFile) -> str:
             with CallCache(tmp_path / "calls.sqlite3") as cache:
-                base = next(iter(open_pipelines(config).values()))
-                providers = {
-                    name: CachedProvider(p, cache, base_url=fake.base_url)
-                    for name, p in base.providers.items()
-                }
-                async with MoA(base.pipeline, providers) as moa:
+                async with MoA.from_config(config, cache=cache) as moa:
                     return (await moa.arun("What is MoA?")).output
 
         first = await run_once(config)

@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moa import ConfigError, MoA, load_config, parse_config
-from moa.config import resolve_pipeline
 from moa.env import Environment
 from moa.presets import PRESETS, preset_config
 
@@ -37,7 +36,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_the_documented_short_form_resolves(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD))
-    pipeline = resolve_pipeline(config, config.providers)
+    pipeline = config.resolve()
     assert pipeline.total_layers == 3 and len(pipeline.layers) == 2
     first, second = pipeline.layers[0].agents
     assert (first.temperature, first.max_tokens) == (0.7, 512)
@@ -61,8 +60,8 @@ def test_named_pipelines_share_providers_and_top_level_defaults() -> None:
             },
         }
     )
-    assert set(config.named_pipelines()) == {"small", "big"}
-    big = resolve_pipeline(config.named_pipelines()["big"], config.providers, defaults=config)
+    assert set(config.pipelines) == {"small", "big"}
+    big = config.resolve("big")
     assert big.layers[0].agents[0].temperature == 0.2 and big.total_layers == 3
 
 
@@ -164,23 +163,21 @@ def test_keys_can_come_from_a_named_env_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_is_a_valid_config(name: str) -> None:
     config = preset_config(name)
-    pipeline = resolve_pipeline(config, config.providers)
+    pipeline = config.resolve()
     assert pipeline.call_count >= 2
 
 
 def test_the_local_preset_fixes_no_seed() -> None:
     # A fixed seed made "regenerate" in a chat UI return the same answer every time.
     config = preset_config("local")
-    pipeline = resolve_pipeline(config, config.providers)
+    pipeline = config.resolve()
     agents = [a for layer in pipeline.layers for a in layer.agents] + [pipeline.aggregator]
     assert agents and all(agent.seed is None for agent in agents)
 
 
 def test_paper_presets_match_the_paper() -> None:
-    moa = resolve_pipeline(preset_config("paper-moa"), preset_config("paper-moa").providers)
-    lite = resolve_pipeline(
-        preset_config("paper-moa-lite"), preset_config("paper-moa-lite").providers
-    )
+    moa = preset_config("paper-moa").resolve()
+    lite = preset_config("paper-moa-lite").resolve()
     assert moa.total_layers == 3 and lite.total_layers == 2
     assert len(moa.layers[0].agents) == 6
     assert moa.aggregator.model == "Qwen/Qwen1.5-110B-Chat"
@@ -255,4 +252,4 @@ def test_fuzzed_text_files_give_a_config_or_one_clear_error(tmp_path_factory, te
 
 def test_yaml_round_trip_of_a_preset_loads(tmp_path: Path) -> None:
     path = write(tmp_path, yaml.safe_dump(PRESETS["together"]))
-    assert load_config(path).layers == 3
+    assert load_config(path).pipelines["moa"].layers == 3

@@ -129,8 +129,7 @@ SANE = {"layers": 101, "calls": 101 * 257, "tokens": 10**12, "seconds": 7 * 24 *
 
 
 def _check_sane(config: Any) -> None:
-    for name, pipeline in config.named_pipelines().items():
-        del name
+    for pipeline in config.pipelines.values():
         if isinstance(pipeline.layers, int):
             assert pipeline.layers <= SANE["layers"]
     for provider in config.providers.values():

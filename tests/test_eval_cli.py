@@ -404,6 +404,8 @@ pipelines:
         config,
         "--cache",
         cache,
+        "--judge-max-tokens",
+        "300",
     ]
     result = run(*args)
     assert result.exit_code == 0, result.output
@@ -411,6 +413,11 @@ pipelines:
     assert "| 75.0 |" in result.stdout
     assert len(fake.requests_for("foreman")) == 8
     assert len(fake.requests_for("juror1")) == 8
+    # The judge's temperature 0 and token cap reach the agent that writes its verdict; the
+    # jurors keep their configured sampling.
+    foreman = {(r.body["temperature"], r.body["max_tokens"]) for r in fake.requests_for("foreman")}
+    assert foreman == {(0.0, 300)}
+    assert {r.body["temperature"] for r in fake.requests_for("juror1")} == {0.7}
     calls = len(fake.requests)
     assert run(*args).stdout == result.stdout
     assert len(fake.requests) == calls

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from moa.config import ProviderConfig
+from moa.config import OpenAIProviderConfig
 from moa.env import Environment
 from moa.errors import ProviderStatusError, RateLimited
 from moa.providers import build_providers
@@ -178,8 +178,8 @@ def test_reduced_concurrency_after_a_429(fake: FakeOpenAIServer) -> None:
 
 def test_build_providers_wraps_only_limited_providers(fake: FakeOpenAIServer) -> None:
     configs = {
-        "plain": ProviderConfig(base_url=fake.base_url),
-        "limited": ProviderConfig(base_url=fake.base_url, max_concurrency=2, rpm=60),
+        "plain": OpenAIProviderConfig(base_url=fake.base_url),
+        "limited": OpenAIProviderConfig(base_url=fake.base_url, max_concurrency=2, rpm=60),
     }
 
     async def go() -> None:

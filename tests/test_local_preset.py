@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from moa import MoA, parse_config
-from moa.config import resolve_pipeline
 from moa.presets import PRESETS, preset_config
 
 #: The question `make run` asks (Makefile PROMPT).
@@ -26,7 +25,7 @@ def _repeats(text: str, span: int = 20, times: int = 3) -> bool:
 
 def test_the_local_preset_chooses_among_seven_answers_without_a_call() -> None:
     config = preset_config("local")
-    pipeline = resolve_pipeline(config, config.providers)
+    pipeline = config.resolve()
     agents = pipeline.layers[0].agents
     assert len(pipeline.layers) == 1 and len(agents) == 7
     assert pipeline.aggregation.strategy == "confidence"

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from moa import parse_config
-from moa.config import resolve_pipeline
 from moa.errors import ConfigError
 from moa.providers.base import ChatRequest
 from moa.providers.cache import cache_key
@@ -77,7 +76,7 @@ def test_llama_only_settings_are_accepted_for_the_embedded_model() -> None:
             "repeat_penalty": 1.1,
         }
     )
-    pipeline = resolve_pipeline(config, config.providers)
+    pipeline = config.resolve()
     assert pipeline.layers[0].agents[0].repeat_penalty == 1.3
     assert pipeline.layers[0].agents[0].min_p == 0.1
     assert pipeline.aggregator.repeat_penalty == 1.1
@@ -112,7 +111,7 @@ def _pipeline(proposers: list[dict[str, object]], **top: object):  # type: ignor
             **top,
         }
     )
-    return resolve_pipeline(config, config.providers)
+    return config.resolve()
 
 
 def test_samples_expands_an_agent_with_consecutive_seeds() -> None:

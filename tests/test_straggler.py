@@ -130,8 +130,6 @@ def test_a_silent_proposer_is_cut_when_enough_answers_are_in_while_a_slow_writer
 
 
 def test_agents_on_the_embedded_model_are_never_cut(fake: FakeOpenAIServer) -> None:
-    from moa import MoA
-
     config = parse_config(
         {
             "providers": {"fake": {"base_url": fake.base_url}, "local": {"type": "llama-cpp"}},
@@ -139,11 +137,7 @@ def test_agents_on_the_embedded_model_are_never_cut(fake: FakeOpenAIServer) -> N
             "aggregator": {"provider": "fake", "model": "agg"},
         }
     )
-    moa = MoA.from_config(config)
-    try:
-        assert moa._uncuttable(moa.pipeline.layers[0]) == {1}
-    finally:
-        moa.close()
+    assert config.resolve().layers[0].uncut == {1}
 
 
 @pytest.mark.parametrize(

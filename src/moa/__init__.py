@@ -6,8 +6,16 @@
 """
 
 from moa._version import __version__
-from moa.config import Agent, ConfigFile, Layer, Pipeline, load_config, parse_config
-from moa.engine import MoA, PipelineProvider, open_pipelines
+from moa.config import (
+    Agent,
+    ConfigFile,
+    Layer,
+    Pipeline,
+    ProviderConfig,
+    load_config,
+    parse_config,
+)
+from moa.engine import AnswerSettings, MoA, PipelineProvider, open_pipelines
 from moa.errors import (
     AggregatorFailed,
     BudgetExceeded,
@@ -27,7 +35,13 @@ from moa.errors import (
     StreamInterrupted,
 )
 from moa.presets import PRESETS
-from moa.providers import ChatRequest, Completion, Provider, StreamChunk
+from moa.providers import (
+    ChatRequest,
+    Completion,
+    Provider,
+    StreamChunk,
+    register_provider_type,
+)
 from moa.results import (
     AgentFinished,
     AgentResult,
@@ -53,6 +67,7 @@ __all__ = [
     "AgentTextDelta",
     "Aggregation",
     "AggregatorFailed",
+    "AnswerSettings",
     "BudgetExceeded",
     "CandidateScore",
     "ChatRequest",
@@ -73,6 +88,7 @@ __all__ = [
     "Pipeline",
     "PipelineProvider",
     "Provider",
+    "ProviderConfig",
     "ProviderConnectionError",
     "ProviderError",
     "ProviderStatusError",
@@ -89,4 +105,5 @@ __all__ = [
     "load_config",
     "open_pipelines",
     "parse_config",
+    "register_provider_type",
 ]

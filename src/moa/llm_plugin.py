@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import sys
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
@@ -24,7 +23,7 @@ import llm
 from pydantic import Field
 
 from moa.config import ConfigFile, load_config
-from moa.engine import MoA
+from moa.engine import AnswerSettings, MoA
 from moa.env import Environment
 from moa.errors import ConfigError
 from moa.presets import PRESETS, preset_config
@@ -58,13 +57,11 @@ def _config_loaders() -> dict[str, Callable[[], ConfigFile]]:
         # Registration runs for every llm command: say what is wrong, keep llm usable.
         print(f"moa plugin: MOA_CONFIG: {error}", file=sys.stderr)
         return {}
-    return {name: _named(config, name) for name in config.named_pipelines()}
+    return {name: _named(config, name) for name in config.pipelines}
 
 
 def _named(config: ConfigFile, name: str) -> Callable[[], ConfigFile]:
-    if config.pipelines is None:
-        return lambda: config
-    return lambda: config.model_copy(update={"pipelines": {name: config.pipelines[name]}})  # type: ignore[index]
+    return lambda: config.model_copy(update={"pipelines": {name: config.pipelines[name]}})
 
 
 class _Options(llm.Model.Options):
@@ -163,19 +160,11 @@ def _messages(prompt: llm.Prompt) -> list[ChatMessage]:
 def _answer_settings(moa: MoA, options: Any) -> MoA:
     """The -o options apply to the agents that write the answer: the aggregator and the
     fallbacks standing in for it. Proposers keep their configured settings."""
-    overrides = {
-        name: getattr(options, name)
-        for name in ("temperature", "max_tokens")
-        if getattr(options, name, None) is not None
-    }
-    if not overrides:
-        return moa
-    pipeline = dataclasses.replace(
-        moa.pipeline,
-        aggregator=dataclasses.replace(moa.pipeline.aggregator, **overrides),
-        fallbacks=tuple(dataclasses.replace(f, **overrides) for f in moa.pipeline.fallbacks),
+    settings = AnswerSettings(
+        temperature=getattr(options, "temperature", None),
+        max_tokens=getattr(options, "max_tokens", None),
     )
-    return MoA(pipeline, moa.providers, name=moa.name, owns_providers=False)
+    return moa.with_answer_settings(settings)
 
 
 def _record(response: Any, result: RunResult) -> None:

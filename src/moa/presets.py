@@ -129,4 +129,4 @@ def preset_config(name: str) -> ConfigFile:
         raise ConfigError(
             f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} (see `moa presets`)"
         ) from None
-    return parse_config(data, source=f"preset {name!r}")
+    return parse_config(data, source=f"preset {name!r}", inline_name=name)

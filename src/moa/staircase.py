@@ -55,11 +55,7 @@ __all__ = ["continuation_for", "run_staircase"]
 
 def continuation_for(config: ProviderConfig | None) -> Continuation:
     """How a provider's model can continue a partial answer (README: "Staircase streaming")."""
-    if config is None:
-        return "fallback"
-    if config.type == "llama-cpp" or config.continuation in ("continue_final_message", "prefill"):
-        return "native"
-    return "fallback"
+    return "native" if config is not None and config.continues_natively() else "fallback"
 
 
 class _Proposers:
@@ -93,7 +89,7 @@ class _Proposers:
             task.add_done_callback(lambda _task: self.changed.set())
             self.tasks[index] = task
         self._agent_text = agent_text
-        self._uncuttable = moa._uncuttable(layer)
+        self._uncuttable = layer.uncut
 
     def _collect(self, index: int) -> Callable[[str], None]:
         def on_text(text: str) -> None:
@@ -227,7 +223,7 @@ async def run_staircase(
     assert pipeline.staircase is not None and pipeline.layers
     number = len(pipeline.layers)
     aggregator = pipeline.aggregator
-    how = continuation_for(pipeline.providers.get(aggregator.provider))
+    how = continuation_for(moa.provider_configs.get(aggregator.provider))
     proposers = _Proposers(
         moa, number, pipeline.layers[-1], conversation, references, budget, emit, agent_text
     )

@@ -122,6 +122,7 @@ def _fail(span: Any, error: BaseException, description: str | None = None) -> No
 async def traced_run(
     name: str,
     pipeline: Pipeline,
+    providers: Mapping[str, ProviderConfig],
     run: Callable[[Callable[[Event], None]], Awaitable[None]],
     emit: Callable[[Event], None],
 ) -> None:
@@ -145,14 +146,14 @@ async def traced_run(
 
         def observe(event: Event) -> None:
             if isinstance(event, Done):
-                _record_run(span, pipeline, event.result)
+                _record_run(span, providers, event.result)
             emit(event)
 
         try:
             await run(observe)
         except RunError as error:
             if error.result is not None:
-                _record_run(span, pipeline, error.result)
+                _record_run(span, providers, error.result)
             _fail(span, error)
             raise
         except BaseException as error:
@@ -162,7 +163,7 @@ async def traced_run(
             raise
 
 
-def _record_run(span: Any, pipeline: Pipeline, result: RunResult) -> None:
+def _record_run(span: Any, providers: Mapping[str, ProviderConfig], result: RunResult) -> None:
     from moa.pricing import run_cost
 
     usage = result.usage
@@ -174,7 +175,7 @@ def _record_run(span: Any, pipeline: Pipeline, result: RunResult) -> None:
     }
     if result.ttft_s is not None:
         attributes["moa.ttft_s"] = result.ttft_s
-    cost = run_cost(pipeline.providers, result)
+    cost = run_cost(providers, result)
     if cost.known:
         attributes["moa.cost_usd"] = cost.usd
     if _capturing() and result.output:

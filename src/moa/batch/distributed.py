@@ -22,20 +22,12 @@ from typing import Any
 
 from moa.batch.progress import BatchStats, ProgressView
 from moa.batch.rows import Row
-from moa.batch.shared_limits import (
-    Admit,
-    Finish,
-    SharedLimitsProvider,
-    limited_providers,
-    unwrap_local_limits,
-)
+from moa.batch.shared_limits import Admit, Finish, shared_limits
 from moa.batch.store import OutputStore
 from moa.config import ConfigFile
 from moa.env import Environment
-from moa.errors import ConfigError
 from moa.pricing import Cost
-from moa.providers.base import Provider
-from moa.providers.cache import CachedProvider, CacheStats, CallCache, cache_base_url
+from moa.providers.cache import CacheStats, CallCache
 from moa.results import Usage
 
 __all__ = ["Job", "RowDone", "RowLedger", "RowWorker"]
@@ -73,30 +65,19 @@ class RowWorker:
 
     def __init__(self, job: Job, admit: Admit, finish: Finish) -> None:
         from moa.batch.runner import pipeline_fingerprint
-        from moa.engine import MoA, open_pipelines
+        from moa.engine import MoA
 
         self.job = job
-        pipelines = open_pipelines(
-            job.config, env=Environment(job.env), only=[job.pipeline] if job.pipeline else None
-        )
-        if len(pipelines) > 1:
-            raise ConfigError(
-                f"the config defines pipelines {', '.join(pipelines)}: name one with --pipeline"
-            )
-        base = next(iter(pipelines.values()))
-        limits = limited_providers(job.config.providers)
         self.cache = CallCache(job.cache_path) if job.cache_path is not None else None
-        providers: dict[str, Provider] = {}
-        for name, provider in base.providers.items():
-            inner = unwrap_local_limits(provider)
-            if name in limits:
-                inner = SharedLimitsProvider(inner, limits[name], admit, finish)
-            if self.cache is not None:
-                base_url = cache_base_url(job.config.providers[name])
-                inner = CachedProvider(inner, self.cache, base_url=base_url)
-            providers[name] = inner
-        self.moa = MoA(base.pipeline, providers, name=job.generator, owns_providers=True)
-        self.pipeline_id = pipeline_fingerprint(base.pipeline)
+        self.moa = MoA.from_config(
+            job.config,
+            job.pipeline,
+            env=Environment(job.env),
+            name=job.generator,
+            cache=self.cache,
+            limits=shared_limits(admit, finish),
+        )
+        self.pipeline_id = pipeline_fingerprint(self.moa.pipeline)
 
     async def run(self, index: int, row: Row) -> RowDone:
         from moa.batch.runner import row_record, run_row

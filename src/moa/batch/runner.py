@@ -94,7 +94,7 @@ async def run_row(moa: MoA, row: Row) -> RowOutcome:
     cost = Cost()
     for run in runs:
         usage = usage + run.usage
-        cost = cost + run_cost(moa.pipeline.providers, run)
+        cost = cost + run_cost(moa.provider_configs, run)
     return RowOutcome(
         row=row,
         ok=error is None,
@@ -132,7 +132,7 @@ def row_record(
 
 def _run_details(run: RunResult, moa: MoA) -> dict[str, Any]:
     """RunResult.to_dict with each agent's cost beside its tokens."""
-    providers = moa.pipeline.providers
+    providers = moa.provider_configs
     details = run.to_dict()
     for layer, layer_dict in zip(run.layers, details["layers"], strict=True):
         for agent, agent_dict in zip(layer.agents, layer_dict, strict=True):

@@ -18,23 +18,21 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from moa.config import ProviderConfig
 from moa.errors import RateLimited
-from moa.providers.base import (
-    ChatMessage,
-    ChatRequest,
-    Completion,
-    Provider,
-    StreamChunk,
-    close_stream,
-)
-from moa.providers.limits import DEFAULT_RESERVED_OUTPUT, SlowDown, TokenBucket, _Slots
-from moa.providers.limits import RateLimitedProvider as _Local
+from moa.providers.base import ChatRequest, Provider
+from moa.providers.limits import GatedProvider, Reservation, SlowDown, TokenBucket, _Slots
 
-__all__ = ["Gatekeeper", "LimitGate", "SharedLimitsProvider", "limited_providers"]
+__all__ = [
+    "Gatekeeper",
+    "LimitGate",
+    "SharedLimitsProvider",
+    "limited_providers",
+    "shared_limits",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,18 +41,14 @@ class Limits:
     rpm: float | None
     tpm: float | None
 
-    @property
-    def any(self) -> bool:
-        return self.max_concurrency is not None or bool(self.rpm) or bool(self.tpm)
+    @classmethod
+    def of(cls, config: ProviderConfig) -> Limits:
+        return cls(config.max_concurrency, config.rpm, config.tpm)
 
 
 def limited_providers(configs: Mapping[str, ProviderConfig]) -> dict[str, Limits]:
     """The providers of a config that have limits, and those limits."""
-    found = {
-        name: Limits(config.max_concurrency, config.rpm, config.tpm)
-        for name, config in configs.items()
-    }
-    return {name: limits for name, limits in found.items() if limits.any}
+    return {name: Limits.of(config) for name, config in configs.items() if config.limited}
 
 
 class LimitGate:
@@ -144,7 +138,7 @@ Admit = Callable[[str, int], Awaitable[int]]
 Finish = Callable[[int, int | None, float | None, bool], None]
 
 
-class SharedLimitsProvider:
+class SharedLimitsProvider(GatedProvider):
     """A provider whose calls are admitted by a Gatekeeper elsewhere; the protocol is unchanged.
 
     `admit(provider, tokens)` waits for a lease; `finish(lease, used, retry_after, limited)`
@@ -152,62 +146,36 @@ class SharedLimitsProvider:
     """
 
     def __init__(self, inner: Provider, limits: Limits, admit: Admit, finish: Finish) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self._limits = limits
         self._admit = admit
         self._finish = finish
 
-    def __repr__(self) -> str:
-        return f"SharedLimitsProvider({self.inner!r})"
-
     @contextlib.asynccontextmanager
-    async def _admitted(self, request: ChatRequest) -> AsyncIterator[list[int | None]]:
-        tokens = 0
-        if self._limits.tpm:
-            prompt = await self.inner.count_tokens(request.model, request.messages)
-            tokens = prompt + (request.max_tokens or DEFAULT_RESERVED_OUTPUT)
-        lease = await self._admit(self.name, tokens)
-        used: list[int | None] = [None]
+    async def _admitted(self, request: ChatRequest) -> AsyncIterator[Reservation]:
+        reservation = Reservation(await self._tokens_wanted(request) if self._limits.tpm else 0)
+        lease = await self._admit(self.name, reservation.tokens)
         try:
-            yield used
+            yield reservation
         except RateLimited as error:
-            self._finish(lease, used[0], error.retry_after, True)
+            self._finish(lease, reservation.used, error.retry_after, True)
             raise
         except BaseException:
-            self._finish(lease, used[0], None, False)
+            self._finish(lease, reservation.used, None, False)
             raise
         else:
-            self._finish(lease, used[0], None, False)
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        async with self._admitted(request) as used:
-            completion = await self.inner.complete(request)
-            if completion.usage is not None:
-                used[0] = completion.usage.total_tokens
-            return completion
-
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        async with self._admitted(request) as used:
-            chunks = self.inner.stream(request)
-            try:
-                async for chunk in chunks:
-                    if chunk.usage is not None:
-                        used[0] = chunk.usage.total_tokens
-                    yield chunk
-            finally:
-                await close_stream(chunks)
-
-    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
-        return await self.inner.count_tokens(model, messages)
-
-    def context_window(self, model: str) -> int | None:
-        return self.inner.context_window(model)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+            self._finish(lease, reservation.used, None, False)
 
 
-def unwrap_local_limits(provider: Provider) -> Provider:
-    """The provider under a per-process RateLimitedProvider, which shared limits replace."""
-    return provider.inner if isinstance(provider, _Local) else provider
+def shared_limits(
+    admit: Admit, finish: Finish
+) -> Callable[[str, ProviderConfig, Provider], Provider]:
+    """A limiter for `moa.providers.build_providers`: each limited provider's calls are admitted
+    by the Gatekeeper behind `admit` / `finish`, instead of by limits held in this process."""
+
+    def limit(name: str, config: ProviderConfig, provider: Provider) -> Provider:
+        if not config.limited:
+            return provider
+        return SharedLimitsProvider(provider, Limits.of(config), admit, finish)
+
+    return limit

@@ -11,6 +11,7 @@ the call cache the retried rows' proposers that already answered are not called 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 from typing import Literal
@@ -37,11 +38,10 @@ from moa.cli.options import (
     load_selected,
     pipeline_options,
 )
-from moa.config import ConfigFile, Pipeline, resolve_pipeline
-from moa.engine import MoA, open_pipelines
+from moa.config import ConfigFile
+from moa.engine import MoA
 from moa.errors import BatchIncomplete, ConfigError
-from moa.providers.base import Provider
-from moa.providers.cache import CachedProvider, CallCache, cache_base_url
+from moa.providers.cache import CallCache
 
 __all__ = ["command"]
 
@@ -202,7 +202,7 @@ async def _run(
     scale: tuple[int, Engine, str | None] | None = None,
     input_path: Path | None = None,
 ) -> BatchStats:
-    fingerprint = pipeline_fingerprint(_chosen_pipeline(config, pipeline))
+    fingerprint = pipeline_fingerprint(config.resolve(pipeline))
     store = OutputStore.open(output_path)
     try:
         # Checked whether or not rows are pending: a rerun whose rows are all finished would
@@ -271,46 +271,22 @@ async def _run_pending(
     cache_path: Path | None,
     progress_interval: float,
 ) -> None:
-    pipelines = open_pipelines(
-        config, env=environment(config, env_file), only=[pipeline] if pipeline else None
-    )
-    base = next(iter(pipelines.values()))
+    env = environment(config, env_file)
     cache = CallCache(cache_path) if cache_path is not None else None
-    providers: dict[str, Provider] = dict(base.providers)
-    if cache is not None:
-        providers = {
-            name: CachedProvider(inner, cache, base_url=cache_base_url(config.providers[name]))
-            for name, inner in providers.items()
-        }
-        stats.cache = cache.stats
-    moa = MoA(base.pipeline, providers, name=generator, owns_providers=True)
-    progress = make_progress(sys.stderr, interval=progress_interval)
-    progress.start(stats)
-    completed = False
-    try:
-        await run_batch(
-            moa, rows, store, stats, progress, concurrency=concurrency, generator=generator
-        )
-        completed = True
-    finally:
-        progress.finish(stats, completed=completed)
-        await moa.aclose()
-        if cache is not None:
-            cache.close()
-
-
-def _chosen_pipeline(config: ConfigFile, pipeline: str | None) -> Pipeline:
-    """The pipeline this run uses, resolved without opening any provider."""
-    named = config.named_pipelines()
-    if pipeline is None and len(named) > 1:
-        raise ConfigError(
-            f"the config defines pipelines {', '.join(named)}: choose one with --pipeline NAME"
-        )
-    name = pipeline or next(iter(named))
-    if name not in named:
-        raise ConfigError(f"no pipeline named {name!r}; the config has: {', '.join(named)}")
-    defaults = config if config.pipelines is not None else None
-    return resolve_pipeline(named[name], config.providers, defaults=defaults)
+    with cache if cache is not None else contextlib.nullcontext():
+        moa = MoA.from_config(config, pipeline, env=env, name=generator, cache=cache)
+        stats.cache = cache.stats if cache is not None else None
+        progress = make_progress(sys.stderr, interval=progress_interval)
+        progress.start(stats)
+        completed = False
+        try:
+            async with moa:
+                await run_batch(
+                    moa, rows, store, stats, progress, concurrency=concurrency, generator=generator
+                )
+            completed = True
+        finally:
+            progress.finish(stats, completed=completed)
 
 
 def _check_other_pipelines(store: OutputStore, fingerprint: str, keep: bool) -> None:

@@ -19,9 +19,8 @@ from moa.batch.progress import BatchStats, make_progress
 from moa.batch.rows import Row
 from moa.batch.store import OutputStore
 from moa.config import ConfigFile
-from moa.engine import close_providers, open_pipelines
+from moa.engine import MoA
 from moa.env import Environment
-from moa.errors import ConfigError
 
 __all__ = ["Engine", "run_scaled"]
 
@@ -49,17 +48,13 @@ async def run_scaled(
         from moa.batch.ray_engine import require_ray
 
         require_ray()  # before anything starts: a missing extra is one line
-    pipelines = open_pipelines(config, env=env, only=[pipeline] if pipeline else None)
-    await close_providers(pipelines)
-    if len(pipelines) > 1:
-        raise ConfigError(
-            f"the config defines pipelines {', '.join(pipelines)}: name one with --pipeline"
-        )
+    await MoA.from_config(config, pipeline, env=env).aclose()  # keys and pipeline, checked once
     # Workers get the API keys the providers name, nothing else from this environment.
     keys = {
-        p.api_key_env: value
+        name: value
         for p in config.providers.values()
-        if p.api_key_env and (value := env.get(p.api_key_env)) is not None
+        for name in p.env_names()
+        if (value := env.get(name)) is not None
     }
     job = Job(
         config=config,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import yaml
-from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -31,7 +28,7 @@ from moa.cli.options import (
     options,
 )
 from moa.cli.report import finish_report, report_options
-from moa.config import Agent, ProviderConfig, load_config
+from moa.config import Agent, ProviderConfig, load_config, load_providers, resolve_agent
 from moa.engine import MoA
 from moa.env import Environment
 from moa.errors import ConfigError
@@ -55,8 +52,7 @@ from moa.evaluation.length_control import length_controlled_json, length_control
 from moa.evaluation.plots import plot_mt_bench, plot_pairwise
 from moa.presets import PRESETS, preset_config
 from moa.providers import build_providers
-from moa.providers.base import Provider
-from moa.providers.cache import CachedProvider, CallCache, cache_base_url
+from moa.providers.cache import CallCache
 
 __all__ = ["command"]
 
@@ -145,35 +141,6 @@ def _builtin_provider_names() -> list[str]:
     return names
 
 
-def _providers_file(path: Path) -> tuple[dict[str, ProviderConfig], str | None]:
-    """`providers:` (and `env_file`) of a YAML file; the rest of it is not needed to judge."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read it ({error})") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    providers = data.get("providers") if isinstance(data, dict) else None
-    if not isinstance(providers, dict) or not providers:
-        raise ConfigError(
-            f"{path}: needs a `providers:` mapping naming the judge's provider, e.g. "
-            "providers: {openai: {base_url: ..., api_key_env: OPENAI_API_KEY}}"
-        )
-    try:
-        parsed = TypeAdapter(dict[str, ProviderConfig]).validate_python(providers)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{path}: providers.{where}: {message}") from None
-    env_file = data.get("env_file")
-    if isinstance(env_file, str) and not Path(env_file).is_absolute():
-        env_file = str(path.parent / env_file)
-    return parsed, env_file if isinstance(env_file, str) else None
-
-
 def _environment(env_file: Path | str | None) -> Environment:
     if env_file is not None and not Path(env_file).is_file():
         raise ConfigError(f"{env_file}: no such .env file")
@@ -200,27 +167,22 @@ def _split_judge(spec: str, providers: dict[str, ProviderConfig], source: str) -
 def _single_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
     assert options.judge is not None
     if options.config_path is not None:
-        providers, env_file = _providers_file(options.config_path)
+        providers, env_file = load_providers(options.config_path)
         source = str(options.config_path)
     else:
         providers, env_file, source = _builtin_providers(), None, "the built-in providers"
     name, model = _split_judge(options.judge, providers, source)
     env = _environment(options.env_file or env_file)
-    provider: Provider = build_providers(providers, [name], env)[name]
-    config = providers[name]
-    if cache is not None:
-        provider = CachedProvider(provider, cache, base_url=cache_base_url(config))
-    agent = Agent(
-        provider=name,
-        model=model,
-        temperature=0.0,
-        max_tokens=options.judge_max_tokens,
-        context_window=config.context_window,
+    agent = resolve_agent(
+        providers, provider=name, model=model, temperature=0.0, max_tokens=options.judge_max_tokens
     )
+    provider = build_providers(providers, [name], env, cache=cache)[name]
     return Judge(provider, agent, concurrency=options.concurrency, label=f"{name}/{model}")
 
 
 def _pipeline_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
+    """A whole pipeline as the judge. Its agents' calls are cached like any others; the judge's
+    temperature 0 and token cap reach its aggregator (MoA.with_answer_settings)."""
     pipeline: str | None
     if options.judge_preset is not None:
         config, pipeline = preset_config(options.judge_preset), None
@@ -234,12 +196,7 @@ def _pipeline_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
         label = f"MoA pipeline {pipeline}"
         env_file = options.env_file or (Path(config.env_file) if config.env_file else None)
         env = _environment(env_file)
-    moa = MoA.from_config(config, pipeline, env=env)
-    provider: Provider = moa.as_provider(label)
-    if cache is not None:
-        # Every setting of the pipeline shapes its verdict, so all of them name it in the cache.
-        digest = hashlib.sha256(repr(moa.pipeline).encode()).hexdigest()[:24]
-        provider = CachedProvider(provider, cache, base_url=f"moa-pipeline:{digest}")
+    moa = MoA.from_config(config, pipeline, env=env, cache=cache)
     agent = Agent(
         provider=label,
         model=label,
@@ -248,7 +205,7 @@ def _pipeline_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
         timeout=PIPELINE_JUDGE_TIMEOUT_S,
         max_attempts=PIPELINE_JUDGE_ATTEMPTS,
     )
-    return Judge(provider, agent, concurrency=options.concurrency, label=label)
+    return Judge(moa.as_provider(label), agent, concurrency=options.concurrency, label=label)
 
 
 @contextlib.contextmanager

@@ -37,15 +37,11 @@ def command(
     """
     from moa.mcp_server import run_server
 
-    config, name = load_selected(config_path, preset)
+    config, _ = load_selected(config_path, preset)
     env = environment(config, env_file)
     if http:
         from moa.server.runner import check_exposure
 
         check_exposure(host, (), allow_unauthenticated)
     pipelines = open_pipelines(config, env=env)
-    if config.pipelines is None and name != "moa":  # a preset: asked by its own name
-        moa = pipelines.pop("moa")
-        moa.name = name
-        pipelines[name] = moa
     run_server(pipelines, http=http, host=host, port=port)

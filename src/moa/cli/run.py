@@ -15,7 +15,6 @@ from moa._text import describe_unencodable
 from moa.cli.agent_text import AgentTextPrinter
 from moa.cli.display import AgentStatusView
 from moa.cli.options import environment, load_selected, pipeline_options
-from moa.config import resolve_pipeline
 from moa.engine import MoA
 from moa.errors import RunError
 from moa.presets import PRESETS, preset_config, preset_description
@@ -26,10 +25,8 @@ from moa.results import Done, RunResult, TextDelta
 def open_moa(
     config_path: Path | None, preset: str | None, pipeline: str | None, env_file: Path | None
 ) -> MoA:
-    config, name = load_selected(config_path, preset)
-    moa = MoA.from_config(config, pipeline, env=environment(config, env_file))
-    moa.name = pipeline or name
-    return moa
+    config, _ = load_selected(config_path, preset)
+    return MoA.from_config(config, pipeline, env=environment(config, env_file))
 
 
 async def answer(
@@ -186,8 +183,7 @@ def chat(
 def presets() -> None:
     """List the presets and their agents."""
     for name in PRESETS:
-        config = preset_config(name)
-        pipeline = resolve_pipeline(config, config.providers)
+        pipeline = preset_config(name).resolve()
         proposers = pipeline.layers[0].agents if pipeline.layers else ()
         click.secho(name, bold=True, nl=False)
         click.echo(f"  {preset_description(name)}")

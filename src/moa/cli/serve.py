@@ -126,7 +126,7 @@ def command(
 
     origins = [check_origin(origin) for origin in cors_origins]  # before anything starts
 
-    config, name = load_selected(config_path, preset)
+    config, _ = load_selected(config_path, preset)
     env = environment(config, env_file)
     keys = parse_api_keys(env.get("MOA_API_KEYS"))
     check_exposure(host, keys, allow_unauthenticated)  # before any provider is built
@@ -135,10 +135,6 @@ def command(
     if metrics:
         from moa.server.metrics import ServerMetrics  # noqa: F401 - a missing extra fails early
     pipelines = open_pipelines(config, env=env)
-    if config.pipelines is None and name != "moa":  # a preset: served under its own name
-        moa = pipelines.pop("moa")
-        moa.name = name
-        pipelines[name] = moa
     auth = f"{len(keys)} API key(s) required" if keys else "no API key required"
 
     def announce(url: str) -> None:

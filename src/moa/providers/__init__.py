@@ -1,38 +1,74 @@
-"""Backends behind one protocol: any OpenAI-compatible endpoint, and the embedded llama.cpp."""
+"""Backends behind one protocol, and the one place providers are built.
+
+    config ─► registry: the type's build ─► limits (max_concurrency / rpm / tpm) ─► cache
+
+`build_providers` is the factory every face goes through (via `moa.engine`): it builds each
+provider from its type's registration (moa.providers.registry) and wraps it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from moa.config import ProviderConfig
 from moa.env import Environment
+from moa.errors import ConfigError
 from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider, StreamChunk
+from moa.providers.registry import ProviderType, provider_type, register_provider_type
+
+if TYPE_CHECKING:
+    from moa.providers.cache import CallCache
 
 __all__ = [
     "ChatMessage",
     "ChatRequest",
     "Completion",
+    "Limiter",
     "Provider",
+    "ProviderType",
     "StreamChunk",
     "build_providers",
+    "local_limits",
+    "register_provider_type",
 ]
+
+#: Wraps a provider in its config's limits: (name, config, provider) → provider.
+Limiter = Callable[[str, ProviderConfig, Provider], Provider]
+
+
+def local_limits(name: str, config: ProviderConfig, provider: Provider) -> Provider:
+    """The limits held in this process: one limiter per provider, shared by every pipeline,
+    row and agent that uses it. (A batch spread over processes holds them elsewhere:
+    moa.batch.shared_limits.)"""
+    if not config.limited:
+        return provider
+    from moa.providers.limits import RateLimitedProvider
+
+    return RateLimitedProvider(
+        provider, max_concurrency=config.max_concurrency, rpm=config.rpm, tpm=config.tpm
+    )
 
 
 def build_providers(
-    configs: dict[str, ProviderConfig], used: Iterable[str], env: Environment
+    configs: Mapping[str, ProviderConfig],
+    used: Iterable[str],
+    env: Environment,
+    *,
+    cache: CallCache | None = None,
+    limits: Limiter = local_limits,
 ) -> dict[str, Provider]:
-    """Instantiate the providers a pipeline uses. Every missing key is reported before any
-    request is made, in one ConfigError naming the variables. A provider whose config sets
-    max_concurrency, rpm or tpm comes wrapped in a `RateLimitedProvider`."""
+    """The providers named in `used`, each built by its type and wrapped in its limits, then
+    in `cache` if given (outermost: a cached answer takes no slot). Every missing key is
+    reported before anything is built, in one ConfigError naming the variables."""
     names = sorted(set(used))
     missing = [
-        f"{configs[n].api_key_env} (provider {n!r})"
+        f"{variable} (provider {n!r})"
         for n in names
-        if configs[n].api_key_env and env.get(configs[n].api_key_env or "") is None
+        for variable in configs[n].env_names()
+        if env.get(variable) is None
     ]
     if missing:
-        from moa.errors import ConfigError
-
         raise ConfigError(
             f"missing API key{'s' if len(missing) > 1 else ''}: set {', '.join(missing)} "
             "in the environment (or in a .env file named with --env-file)"
@@ -40,32 +76,10 @@ def build_providers(
     providers: dict[str, Provider] = {}
     for name in names:
         config = configs[name]
-        if config.type == "llama-cpp":
-            from moa.providers.llama_cpp import LlamaCppProvider
+        provider = limits(name, config, provider_type(config.type).build(name, config, env))
+        if cache is not None:
+            from moa.providers.cache import CachedProvider
 
-            providers[name] = LlamaCppProvider(
-                name, model_path=config.model_path, n_ctx=config.n_ctx, n_threads=config.n_threads
-            )
-        else:
-            from moa.providers.openai_compat import OpenAICompatibleProvider
-
-            key = env.api_key(config.api_key_env, name) if config.api_key_env else None
-            assert config.base_url is not None  # checked by ProviderConfig
-            providers[name] = OpenAICompatibleProvider(
-                name,
-                base_url=config.base_url,
-                api_key=key,
-                context_window=config.context_window,
-                continuation=config.continuation,
-            )
-        if config.max_concurrency is not None or config.rpm or config.tpm:
-            # One limiter per provider, shared by every pipeline, row and agent that uses it.
-            from moa.providers.limits import RateLimitedProvider
-
-            providers[name] = RateLimitedProvider(
-                providers[name],
-                max_concurrency=config.max_concurrency,
-                rpm=config.rpm,
-                tpm=config.tpm,
-            )
+            provider = CachedProvider(provider, cache, base_url=config.endpoint())
+        providers[name] = provider
     return providers

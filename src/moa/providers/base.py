@@ -6,7 +6,7 @@ model) and nothing about layers, retries or references: those belong to the core
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict, runtime_checkable
 
@@ -17,8 +17,9 @@ __all__ = [
     "ChatRequest",
     "Completion",
     "Provider",
+    "ProviderBase",
+    "ProviderWrapper",
     "StreamChunk",
-    "close_stream",
     "estimate_tokens",
 ]
 
@@ -86,9 +87,11 @@ class Provider(Protocol):
         """One whole answer. Raises a `moa.errors.ProviderError` subclass on failure."""
         ...
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+    def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         """The answer in pieces; the last piece carries finish_reason (and usage if known).
-        Raises `StreamInterrupted` if the stream breaks after text has arrived."""
+        Raises `StreamInterrupted` if the stream breaks after text has arrived. An async
+        generator, so a reader that stops early closes it (`contextlib.aclosing`) and the
+        upstream request ends at once."""
         ...
 
     async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
@@ -102,15 +105,47 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
-async def close_stream(chunks: AsyncIterator[StreamChunk]) -> None:
-    """Close a provider's stream however its reader stopped, so the upstream request ends too.
+class ProviderBase:
+    """What a backend that knows no better answers for the protocol's secondary members:
+    estimated token counts, an unknown context window, nothing to close."""
 
-    Provider streams are async generators in practice, but the protocol promises only an
-    AsyncIterator, so `aclose` is called where it exists.
-    """
-    close = getattr(chunks, "aclose", None)
-    if close is not None:
-        await close()
+    name: str
+
+    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
+        return estimate_tokens(messages)
+
+    def context_window(self, model: str) -> int | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ProviderWrapper(ProviderBase):
+    """A provider that adds something around another one (a cache, rate limits): every member
+    it does not override goes to `inner`, so each wrapper writes only what it changes."""
+
+    def __init__(self, inner: Provider) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        return await self.inner.complete(request)
+
+    def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
+        return self.inner.stream(request)
+
+    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
+        return await self.inner.count_tokens(model, messages)
+
+    def context_window(self, model: str) -> int | None:
+        return self.inner.context_window(model)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 #: Per-message overhead of chat templates (role markers, separators), in tokens.

@@ -23,27 +23,18 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from moa.config import ProviderConfig
 from moa.env import Environment
-from moa.providers.base import (
-    ChatMessage,
-    ChatRequest,
-    Completion,
-    Provider,
-    StreamChunk,
-    close_stream,
-)
+from moa.providers.base import ChatRequest, Completion, Provider, ProviderWrapper, StreamChunk
 from moa.results import TokenLogprob, Usage
 
 __all__ = [
     "CacheStats",
     "CachedProvider",
     "CallCache",
-    "cache_base_url",
     "cache_key",
     "default_cache_path",
 ]
@@ -73,14 +64,6 @@ def default_cache_path(env: Environment | None = None) -> Path:
     else:
         base = Path.home() / ".cache"
     return base / "moa" / "calls.sqlite3"
-
-
-def cache_base_url(config: ProviderConfig) -> str:
-    """What identifies a provider's endpoint in cache keys: its base_url, or for the embedded
-    model the GGUF file it runs (answers from different weights must never mix)."""
-    if config.base_url is not None:
-        return config.base_url
-    return f"llama-cpp:{config.model_path or 'default'}"
 
 
 def _float(value: float | None) -> float | None:
@@ -335,14 +318,17 @@ def _is_corruption(error: sqlite3.Error) -> bool:
     return "not a database" in message or "malformed" in message
 
 
-class CachedProvider:
-    """A provider that answers from `cache` when it can, and fills it when it cannot."""
+class CachedProvider(ProviderWrapper):
+    """A provider that answers from `cache` when it can, and fills it when it cannot.
+
+    `base_url` identifies where answers come from (`ProviderConfig.endpoint()`). Closing it
+    closes the inner provider only: the cache is shared by every provider of a run, and its
+    owner closes it."""
 
     def __init__(self, inner: Provider, cache: CallCache, *, base_url: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cache = cache
         self.base_url = base_url
-        self.name = inner.name
 
     def __repr__(self) -> str:
         return f"CachedProvider({self.inner!r}, base_url={self.base_url!r})"
@@ -357,7 +343,7 @@ class CachedProvider:
             self.cache.put(key, request.model, completion)
         return completion
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         key = cache_key(self.base_url, request)
         stored = self.cache.get(key, logprobs=request.logprobs)
         if stored is not None:
@@ -368,8 +354,7 @@ class CachedProvider:
         finish: str | None = None
         usage: Usage | None = None
         tokens: list[TokenLogprob] | None = None
-        chunks = self.inner.stream(request)
-        try:
+        async with contextlib.aclosing(self.inner.stream(request)) as chunks:
             async for chunk in chunks:
                 pieces.append(chunk.text)
                 finish = chunk.finish_reason or finish
@@ -377,8 +362,6 @@ class CachedProvider:
                 if chunk.logprobs is not None:
                     tokens = [*(tokens or ()), *chunk.logprobs]
                 yield chunk
-        finally:
-            await close_stream(chunks)
         # Reached only when the stream ended normally (an error or an early close skips it):
         # a whole answer, safe to replay.
         completion = Completion(
@@ -389,16 +372,6 @@ class CachedProvider:
         )
         if finish is not None and _worth_keeping(completion):
             self.cache.put(key, request.model, completion)
-
-    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
-        return await self.inner.count_tokens(model, messages)
-
-    def context_window(self, model: str) -> int | None:
-        return self.inner.context_window(model)
-
-    async def aclose(self) -> None:
-        # The cache is shared by every provider of a run: its owner closes it.
-        await self.inner.aclose()
 
 
 def _worth_keeping(completion: Completion) -> bool:

@@ -19,20 +19,14 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 from moa.errors import RateLimited
-from moa.providers.base import (
-    ChatMessage,
-    ChatRequest,
-    Completion,
-    Provider,
-    StreamChunk,
-    close_stream,
-)
+from moa.providers.base import ChatRequest, Completion, Provider, ProviderWrapper, StreamChunk
 from moa.results import Usage
 
-__all__ = ["RateLimitedProvider", "SlowDown", "TokenBucket"]
+__all__ = ["GatedProvider", "RateLimitedProvider", "Reservation", "SlowDown", "TokenBucket"]
 
 #: Seconds of rate a bucket may hold: the largest burst.
 BURST_S = 1.0
@@ -166,7 +160,48 @@ class _Slots:
             self.release()
 
 
-class RateLimitedProvider:
+class Reservation:
+    """Tokens taken from a tpm bucket for one call, and what the call really used."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.used: int | None = None
+
+    def settle(self, usage: Usage | None) -> None:
+        if usage is not None:
+            self.used = usage.total_tokens
+
+
+class GatedProvider(ProviderWrapper):
+    """A provider whose calls first pass a gate (`_admitted`) that holds them for the call's
+    whole length (a stream's too, until it ends or its reader closes it) and is told the
+    tokens the call used. Local limits and shared limits are two gates."""
+
+    def _admitted(self, request: ChatRequest) -> AbstractAsyncContextManager[Reservation]:
+        raise NotImplementedError
+
+    async def _tokens_wanted(self, request: ChatRequest) -> int:
+        """What a call may use at most: its prompt and its token cap (or a default)."""
+        prompt = await self.inner.count_tokens(request.model, request.messages)
+        return prompt + (request.max_tokens or DEFAULT_RESERVED_OUTPUT)
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        async with self._admitted(request) as reservation:
+            completion = await self.inner.complete(request)
+            reservation.settle(completion.usage)
+            return completion
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
+        async with (
+            self._admitted(request) as reservation,
+            contextlib.aclosing(self.inner.stream(request)) as chunks,
+        ):
+            async for chunk in chunks:
+                reservation.settle(chunk.usage)
+                yield chunk
+
+
+class RateLimitedProvider(GatedProvider):
     """Wraps a provider with its configured limits; the protocol is unchanged."""
 
     def __init__(
@@ -178,31 +213,26 @@ class RateLimitedProvider:
         tpm: float | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.max_concurrency = max_concurrency
         self.slow_down = SlowDown(clock)
         self._slots = _Slots(self._concurrency_now) if max_concurrency is not None else None
         self._requests = TokenBucket(rpm / 60, self.slow_down, clock) if rpm else None
         self._tokens = TokenBucket(tpm / 60, self.slow_down, clock) if tpm else None
 
-    def __repr__(self) -> str:
-        return f"RateLimitedProvider({self.inner!r})"
-
     def _concurrency_now(self) -> int:
         assert self.max_concurrency is not None
         return max(1, math.ceil(self.max_concurrency * self.slow_down.factor()))
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, request: ChatRequest) -> AsyncIterator[_Reservation]:
+    async def _admitted(self, request: ChatRequest) -> AsyncIterator[Reservation]:
         """Hold a slot and the bucket units for one call, then settle tokens with the usage."""
         async with self._slots.held() if self._slots else contextlib.nullcontext():
-            reservation = _Reservation(0)
+            reservation = Reservation(0)
             if self._requests is not None:
                 await self._requests.take(1)
             if self._tokens is not None:
-                prompt = await self.inner.count_tokens(request.model, request.messages)
-                reservation.tokens = prompt + (request.max_tokens or DEFAULT_RESERVED_OUTPUT)
+                reservation.tokens = await self._tokens_wanted(request)
                 await self._tokens.take(reservation.tokens)
             await self.slow_down.wait()  # a 429 may have arrived while we queued
             try:
@@ -215,42 +245,3 @@ class RateLimitedProvider:
             finally:
                 if self._tokens is not None and reservation.used is not None:
                     self._tokens.adjust(reservation.tokens - reservation.used)
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        async with self._admitted(request) as reservation:
-            completion = await self.inner.complete(request)
-            reservation.settle(completion.usage)
-            return completion
-
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        # The slot is held until the stream ends or the consumer closes it.
-        async with self._admitted(request) as reservation:
-            chunks = self.inner.stream(request)
-            try:
-                async for chunk in chunks:
-                    if chunk.usage is not None:
-                        reservation.settle(chunk.usage)
-                    yield chunk
-            finally:
-                await close_stream(chunks)
-
-    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
-        return await self.inner.count_tokens(model, messages)
-
-    def context_window(self, model: str) -> int | None:
-        return self.inner.context_window(model)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-class _Reservation:
-    """Tokens taken from the tpm bucket for one call, and what the call really used."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-        self.used: int | None = None
-
-    def settle(self, usage: Usage | None) -> None:
-        if usage is not None:
-            self.used = usage.total_tokens

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from moa import tracing
 from moa.engine import MoA, close_providers
 from moa.errors import ClientGone
-from moa.server.chat import ChatRun, with_answer_settings
+from moa.server.chat import ChatRun
 from moa.server.completions import completions_endpoint
 from moa.server.connections import DEFAULT_BODY_TIMEOUT_S
 from moa.server.cors import cors_middleware
@@ -216,7 +216,7 @@ async def _chat_completions(request: Request) -> Response | ChatRun:
     state = server_state(request.app)
     body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
     chat, messages = parse_chat_request(body)
-    moa = with_answer_settings(state.pipeline(chat.model), chat)
+    moa = state.pipeline(chat.model).with_answer_settings(chat.answer_settings())
     if state.metrics is not None:
         request.state.moa_pipeline = moa.name  # read by MetricsMiddleware
         moa = state.metrics.observed(moa)

@@ -33,19 +33,12 @@ from moa.server.errors import (
     json_response,
 )
 from moa.server.guards import Slot
-from moa.server.params import RunRequest, with_settings
-from moa.server.schema import ChatCompletionRequest
+from moa.server.params import RunRequest
 from moa.server.shutdown import ResponseTracker, answer_cut_short
 
-__all__ = ["ChatRun", "run_error", "with_answer_settings"]
+__all__ = ["ChatRun", "run_error"]
 
 log = logging.getLogger("moa.server")
-
-
-def with_answer_settings(moa: MoA, request: ChatCompletionRequest) -> MoA:
-    """The pipeline with the request's sampling settings on the agents that write the answer
-    (see moa.server.params)."""
-    return with_settings(moa, request.answer_settings())
 
 
 def run_error(error: RunError, model: str) -> ApiError:

@@ -21,7 +21,7 @@ from moa.results import RunResult
 from moa.server.chat import ChatRun, _finish_reason, _moa_extension
 from moa.server.guards import read_body
 from moa.server.messages import check_conversation
-from moa.server.params import SamplingRequest, unsupported, with_settings
+from moa.server.params import SamplingRequest, unsupported
 from moa.server.schema import decode_body, refuse_redirects, schema_error
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ async def completions_endpoint(request: Request) -> Response | CompletionRun:
     state: ServerState = request.app.state.moa
     body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
     parsed, messages = parse_completion_request(body)
-    moa = with_settings(state.pipeline(parsed.model), parsed.answer_settings())
+    moa = state.pipeline(parsed.model).with_answer_settings(parsed.answer_settings())
     slot = state.slots.take()
     # No await from here on: the slot is released by the run, which starts right away.
     return CompletionRun(moa, messages, parsed, slot, heartbeat_s=state.heartbeat_s)

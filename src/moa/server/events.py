@@ -34,7 +34,7 @@ from moa.errors import RunError
 from moa.pricing import run_cost
 from moa.providers.base import ChatMessage
 from moa.results import AgentTextDelta, Done, TextDelta, event_to_dict
-from moa.server.chat import EventSender, run_error, run_unless_disconnected, with_answer_settings
+from moa.server.chat import EventSender, run_error, run_unless_disconnected
 from moa.server.guards import Slot, read_body
 from moa.server.schema import parse_chat_request
 from moa.server.shutdown import ResponseTracker, answer_cut_short
@@ -84,7 +84,7 @@ async def start_run(request: Request) -> EventRun:
     state: ServerState = request.app.state.moa
     body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
     chat, messages = parse_chat_request(body)
-    moa = with_answer_settings(state.pipeline(chat.model), chat)
+    moa = state.pipeline(chat.model).with_answer_settings(chat.answer_settings())
     if state.metrics is not None:  # the page's runs count like any other
         moa = state.metrics.observed(moa)
     slot = state.slots.take()
@@ -148,7 +148,7 @@ class EventRun:
                     payload = self._stamp(event_to_dict(event))
                     if isinstance(event, Done):
                         self.slot.release()  # the run is over: the next request may start
-                        cost = run_cost(self.moa.pipeline.providers, event.result)
+                        cost = run_cost(self.moa.provider_configs, event.result)
                         payload["cost"] = {"usd": cost.to_json(), "unpriced_calls": cost.unpriced}
                     if isinstance(event, TextDelta | AgentTextDelta):
                         await sender.text(payload)  # the model's words, as they are (and fast)

@@ -103,14 +103,20 @@ class ServerMetrics:
         usage = result.usage
         self.tokens.labels(name, "prompt").inc(usage.prompt_tokens)
         self.tokens.labels(name, "completion").inc(usage.completion_tokens)
-        cost = run_cost(moa.pipeline.providers, result)
+        cost = run_cost(moa.provider_configs, result)
         if cost.known:
             self.cost.labels(name).inc(cost.usd)
 
 
 class _ObservedMoA(MoA):
     def __init__(self, moa: MoA, metrics: ServerMetrics) -> None:
-        super().__init__(moa.pipeline, moa.providers, name=moa.name, owns_providers=False)
+        super().__init__(
+            moa.pipeline,
+            moa.providers,
+            name=moa.name,
+            owns_providers=False,
+            provider_configs=moa.provider_configs,
+        )
         self._metrics = metrics
 
     async def stream(

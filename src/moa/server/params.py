@@ -9,12 +9,11 @@ configured settings, since the client asks about the answer, not about the draft
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moa.engine import MoA
+from moa.engine import AnswerSettings
 from moa.server.errors import ApiError
 
 __all__ = [
@@ -23,7 +22,6 @@ __all__ = [
     "SamplingRequest",
     "StreamOptions",
     "unsupported",
-    "with_settings",
 ]
 
 
@@ -102,46 +100,6 @@ class SamplingRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
             user=self.user,
         )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AnswerSettings:
-    """What a request sets on the agents that write its answer; None: as configured."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    #: The end user: unlike the others it goes to every call of the run, all of which serve them.
-    user: str | None = None
-
-
-def with_settings(moa: MoA, settings: AnswerSettings) -> MoA:
-    """The pipeline with `settings` on the aggregator and its fallbacks (which stand in for it),
-    and the end user on every agent."""
-    overrides: dict[str, Any] = {
-        name: value
-        for name, value in dataclasses.asdict(settings).items()
-        if value is not None and name != "user"
-    }
-    if not overrides and settings.user is None:
-        return moa
-    everyone: dict[str, Any] = {} if settings.user is None else {"user": settings.user}
-    writers = {**overrides, **everyone}
-    pipeline = dataclasses.replace(
-        moa.pipeline,
-        layers=tuple(
-            dataclasses.replace(
-                layer, agents=tuple(dataclasses.replace(a, **everyone) for a in layer.agents)
-            )
-            for layer in moa.pipeline.layers
-        ),
-        aggregator=dataclasses.replace(moa.pipeline.aggregator, **writers),
-        fallbacks=tuple(dataclasses.replace(f, **writers) for f in moa.pipeline.fallbacks),
-    )
-    return MoA(pipeline, moa.providers, name=moa.name, owns_providers=False)
 
 
 def unsupported(param: str, message: str) -> ApiError:

@@ -35,7 +35,7 @@ from moa.server.chat import ChatRun, EventSender, _moa_extension, run_error
 from moa.server.errors import ApiError, json_bytes
 from moa.server.guards import read_body
 from moa.server.messages import check_conversation, parse_message
-from moa.server.params import AnswerSettings, StreamOptions, unsupported, with_settings
+from moa.server.params import AnswerSettings, StreamOptions, unsupported
 from moa.server.schema import decode_body, refuse_redirects, schema_error
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ async def responses_endpoint(request: Request) -> Response | ResponsesRun:
     settings = AnswerSettings(
         temperature=parsed.temperature, top_p=parsed.top_p, max_tokens=parsed.max_output_tokens
     )
-    moa = with_settings(state.pipeline(parsed.model), settings)
+    moa = state.pipeline(parsed.model).with_answer_settings(settings)
     slot = state.slots.take()
     # No await from here on: the slot is released by the run, which starts right away.
     return ResponsesRun(moa, messages, parsed, slot, heartbeat_s=state.heartbeat_s)
