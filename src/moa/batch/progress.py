@@ -1,5 +1,9 @@
-"""Batch progress on stderr: a live bar on a terminal, plain periodic lines anywhere else
-(a log file, CI), both showing rows done, rate, ETA, failures, tokens and cost so far."""
+"""Progress on stderr, one bar for every long command (`progress_bar`).
+
+`moa batch`: a live bar on a terminal, plain periodic lines anywhere else (a log file, CI),
+both showing rows done, rate, ETA, failures, tokens and cost so far. `moa eval`: a bar of judge
+calls on a terminal (`CountBar`), nothing elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,28 @@ from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from moa.pricing import Cost
 from moa.providers.cache import CacheStats
 from moa.results import Usage
 
-__all__ = ["BatchStats", "PlainProgress", "ProgressView", "TerminalProgress", "make_progress"]
+__all__ = [
+    "BatchStats",
+    "CountBar",
+    "PlainProgress",
+    "ProgressView",
+    "TerminalProgress",
+    "make_progress",
+    "progress_bar",
+]
 
 
 @dataclass(slots=True)
@@ -99,6 +118,50 @@ def format_cost(cost: Cost) -> str:
     return text + (f" (+{cost.unpriced} unpriced calls)" if cost.unpriced else "")
 
 
+def progress_bar(
+    label: str, console: Console, *after: ProgressColumn, transient: bool = False
+) -> Progress:
+    """The bar of every long command: its label, the bar, done/total, then `after`."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *after,
+        console=console,
+        transient=transient,
+        refresh_per_second=4,
+    )
+
+
+class CountBar:
+    """Jobs done out of a total told when the work starts (`started`, then `done` as they
+    settle), as a bar that goes away at the end; on a stream that is not a terminal, nothing."""
+
+    def __init__(self, label: str, stream: TextIO) -> None:
+        self._progress: Progress | None = None
+        if stream.isatty():
+            console = Console(file=stream)
+            self._progress = progress_bar(label, console, TimeElapsedColumn(), transient=True)
+            self._task = self._progress.add_task(label, total=None)
+
+    def __enter__(self) -> CountBar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def started(self, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
+
+    def done(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+
 class ProgressView(Protocol):
     def start(self, stats: BatchStats) -> None: ...
 
@@ -139,15 +202,7 @@ class TerminalProgress:
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self._progress = Progress(
-            TextColumn("[bold]batch"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            console=console,
-            transient=False,
-            refresh_per_second=4,
-        )
+        self._progress = progress_bar("[bold]batch", console, TextColumn("{task.description}"))
         self._task = self._progress.add_task("", total=1)
 
     def _describe(self, stats: BatchStats) -> str:

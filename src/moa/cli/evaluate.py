@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from moa.batch.progress import CountBar
 from moa.cli.options import (
     FILE,
     cache_file,
@@ -235,45 +234,19 @@ def _open_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
     return _pipeline_judge(options, cache)
 
 
-def _run_judged(options: JudgeOptions, work: Callable[[Judge, Progress | None], Awaitable[T]]) -> T:
+def _run_judged(options: JudgeOptions, work: Callable[[Judge, CountBar], Awaitable[T]]) -> T:
     """Open the judge (and cache), run `work` with a progress bar on a terminal, close all."""
     with _opened_cache(options) as cache:
         judge = _open_judge(options, cache)
 
         async def go() -> T:
             try:
-                if not sys.stderr.isatty():
-                    return await work(judge, None)
-                progress = Progress(
-                    TextColumn("judging"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                    console=Console(stderr=True),
-                    transient=True,
-                )
-                with progress:
-                    return await work(judge, progress)
+                with CountBar("judging", sys.stderr) as bar:
+                    return await work(judge, bar)
             finally:
                 await judge.aclose()
 
         return asyncio.run(go())
-
-
-def _progress_hooks(
-    progress: Progress | None,
-) -> tuple[Callable[[int], None] | None, Callable[[int], None] | None]:
-    if progress is None:
-        return None, None
-    task = progress.add_task("judging", total=None)
-
-    def on_start(total: int) -> None:
-        progress.update(task, total=total)
-
-    def on_done(n: int) -> None:
-        progress.advance(task, n)
-
-    return on_start, on_done
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -334,9 +307,10 @@ def pairwise(
     a = load_outputs(a_path, name_a)
     b = load_outputs(b_path, name_b)
 
-    async def work(judge: Judge, progress: Progress | None) -> PairwiseReport:
-        on_start, on_done = _progress_hooks(progress)
-        return await evaluate_pairwise(judge, a, b, limit=limit, on_start=on_start, on_done=on_done)
+    async def work(judge: Judge, bar: CountBar) -> PairwiseReport:
+        return await evaluate_pairwise(
+            judge, a, b, limit=limit, on_start=bar.started, on_done=bar.done
+        )
 
     report = _run_judged(options, work)
     markdown, data = pairwise_markdown(report), pairwise_json(report)
@@ -396,8 +370,7 @@ def mt_bench(
         questions = load_reference_answers(reference_answers, questions)
     answers, skipped = load_answers(answers_path)
 
-    async def work(judge: Judge, progress: Progress | None) -> MTBenchReport:
-        on_start, on_done = _progress_hooks(progress)
+    async def work(judge: Judge, bar: CountBar) -> MTBenchReport:
         return await evaluate_mt_bench(
             judge,
             questions,
@@ -406,8 +379,8 @@ def mt_bench(
             questions_path=str(questions_path),
             limit=limit,
             skipped_answers=skipped,
-            on_start=on_start,
-            on_done=on_done,
+            on_start=bar.started,
+            on_done=bar.done,
         )
 
     report = _run_judged(options, work)

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import Progress
 
-from moa.cli.evaluate import JudgeOptions, _progress_hooks, _run_judged, command
+from moa.batch.progress import CountBar
+from moa.cli.evaluate import JudgeOptions, _run_judged, command
 from moa.cli.evaluate import judge_options as _judge_options
 from moa.cli.options import FILE
 from moa.cli.report import finish_report, report_options
@@ -67,16 +67,15 @@ def flask(
         names.add(name)
         systems.append(load_flask_answers(path, items, name))
 
-    async def work(judge: Judge, progress: Progress | None) -> FlaskReport:
-        on_start, on_done = _progress_hooks(progress)
+    async def work(judge: Judge, bar: CountBar) -> FlaskReport:
         return await evaluate_flask(
             judge,
             items,
             systems,
             items_path=str(items_path),
             limit=limit,
-            on_start=on_start,
-            on_done=on_done,
+            on_start=bar.started,
+            on_done=bar.done,
         )
 
     report = _run_judged(options, work)
