@@ -3,6 +3,8 @@
 - `read_records`: a JSON list or JSON Lines, as every input (batch rows, answers to judge,
   questions, references) may be given; problems are one `InputFileError` line naming the file
   and the line.
+- `read_usable`: the records a parser accepts, the others counted by reason, and one error
+  line when none is usable.
 - `alpaca_prompt`: AlpacaEval's instruction with its optional `input`, as one prompt.
 - `write_atomically`: a reader (or a crash) sees the old file or the new one, never half of
   one.
@@ -13,13 +15,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from moa.errors import InputFileError
 
-__all__ = ["alpaca_prompt", "read_records", "write_atomically"]
+__all__ = ["alpaca_prompt", "nothing_usable", "read_records", "read_usable", "write_atomically"]
+
+T = TypeVar("T")
 
 
 def read_records(path: Path, expected: str) -> list[tuple[str, Any]]:
@@ -55,6 +60,30 @@ def read_records(path: Path, expected: str) -> list[tuple[str, Any]]:
                 "(one JSON object per line) or one JSON list"
             ) from None
     return records
+
+
+def nothing_usable(path: Path, what: str, skipped: Mapping[str, int], hint: str) -> InputFileError:
+    """The error for a file with no usable record: why each was set aside, counted."""
+    why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the file is empty"
+    return InputFileError(f"{path}: {what} ({why}); {hint}")
+
+
+def read_usable(
+    path: Path, expected: str, what: str, parse: Callable[[Any], T | str]
+) -> tuple[list[T], dict[str, int]]:
+    """The records of `path` that `parse` makes something of, and the others counted by the
+    reason it gives instead; InputFileError("no usable `what`") when there is none."""
+    usable: list[T] = []
+    skipped: Counter[str] = Counter()
+    for _, record in read_records(path, expected):
+        item = parse(record)
+        if isinstance(item, str):
+            skipped[item] += 1
+        else:
+            usable.append(item)
+    if not usable:
+        raise nothing_usable(path, f"no usable {what}", skipped, expected)
+    return usable, dict(skipped)
 
 
 def alpaca_prompt(record: Mapping[str, Any], key: str = "instruction") -> str | None:

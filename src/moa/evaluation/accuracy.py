@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa._files import read_records
+from moa._files import nothing_usable, read_records
 from moa.errors import InputFileError
 from moa.evaluation.scoring import MatchMode, is_correct
 
@@ -329,13 +329,12 @@ def load_scored(
             )
         )
     if not rows:
-        why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the file is empty"
         hint = (
             "do the ids match the rows of --reference?"
             if references is not None
             else "pass the input rows with --reference ROWS if the output does not carry them"
         )
-        raise InputFileError(f"{path}: no row can be scored ({why}); {hint}")
+        raise nothing_usable(path, "no row can be scored", skipped, hint)
     if name is None:
         name = next(iter(generators)) if len(generators) == 1 else path.stem
     missing = len(set(references) - seen) if references is not None else 0

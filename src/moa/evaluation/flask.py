@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa._files import read_records
+from moa._files import nothing_usable, read_records
 from moa.errors import InputFileError
 from moa.evaluation.judges import Judge, block, visible_text
 from moa.prompts import fence_token
@@ -288,8 +288,7 @@ def load_flask_answers(
         if isinstance(generator, str) and generator:
             generators.add(generator)
     if not answers:
-        why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the file is empty"
-        raise InputFileError(f"{path}: no usable answers ({why}); {_ANSWER_FORMAT}")
+        raise nothing_usable(path, "no usable answers", skipped, _ANSWER_FORMAT)
     if name is None:
         name = next(iter(generators)) if len(generators) == 1 else path.stem
     return FlaskAnswers(path=path, name=name, answers=answers, skipped=skipped)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa._files import alpaca_prompt, read_records
+from moa._files import alpaca_prompt, read_records, read_usable
 from moa.engine import normalize_messages
 from moa.errors import InputFileError, InvalidRequest
 from moa.evaluation.mt_bench import ModelAnswer, Question
@@ -146,17 +146,7 @@ def _row(record: Any) -> OutputRow | str:
 def load_outputs(path: Path, name: str | None = None) -> OutputSet:
     """One system's outputs. Its name: `name`, else the generator every row shares, else the
     file's stem."""
-    rows: list[OutputRow] = []
-    skipped: dict[str, int] = {}
-    for _, record in read_records(path, _PAIRWISE_FORMATS):
-        row = _row(record)
-        if isinstance(row, str):
-            skipped[row] = skipped.get(row, 0) + 1
-        else:
-            rows.append(row)
-    if not rows:
-        why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the file is empty"
-        raise InputFileError(f"{path}: no usable rows ({why}); {_PAIRWISE_FORMATS}")
+    rows, skipped = read_usable(path, _PAIRWISE_FORMATS, "rows", _row)
     generators = {row.generator for row in rows}
     if name is None:
         only = next(iter(generators)) if len(generators) == 1 else None
@@ -319,18 +309,7 @@ def _batch_answer(record: Mapping[str, Any]) -> ModelAnswer | str:
 
 def load_answers(path: Path) -> tuple[list[ModelAnswer], dict[str, int]]:
     """Answers in file order, and the records set aside by reason."""
-    answers: list[ModelAnswer] = []
-    skipped: dict[str, int] = {}
-    for _, record in read_records(path, _ANSWER_FORMAT):
-        answer = _answer(record)
-        if isinstance(answer, str):
-            skipped[answer] = skipped.get(answer, 0) + 1
-        else:
-            answers.append(answer)
-    if not answers:
-        why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "the file is empty"
-        raise InputFileError(f"{path}: no usable answers ({why}); {_ANSWER_FORMAT}")
-    return answers, skipped
+    return read_usable(path, _ANSWER_FORMAT, "answers", _answer)
 
 
 def load_reference_answers(path: Path, questions: dict[str, Question]) -> dict[str, Question]:
