@@ -1,14 +1,6 @@
-"""The files the faces read and write, read and written one way.
-
-- `read_records`: a JSON list or JSON Lines, as every input (batch rows, answers to judge,
-  questions, references) may be given; problems are one `InputFileError` line naming the file
-  and the line.
-- `read_usable`: the records a parser accepts, the others counted by reason, and one error
-  line when none is usable.
-- `alpaca_prompt`: AlpacaEval's instruction with its optional `input`, as one prompt.
-- `write_atomically`: a reader (or a crash) sees the old file or the new one, never half of
-  one.
-"""
+"""The files the faces read and write, read and written one way: every input (batch rows,
+answers to judge, questions, references) is a JSON list or JSON Lines whose problems are one
+`InputFileError` line naming the file and the line; every result is written atomically."""
 
 from __future__ import annotations
 
@@ -16,13 +8,21 @@ import contextlib
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from moa.errors import InputFileError
 
-__all__ = ["alpaca_prompt", "nothing_usable", "read_records", "read_usable", "write_atomically"]
+__all__ = [
+    "alpaca_prompt",
+    "nothing_usable",
+    "read_records",
+    "read_usable",
+    "record_id",
+    "system_name",
+    "write_atomically",
+]
 
 T = TypeVar("T")
 
@@ -84,6 +84,21 @@ def read_usable(
     if not usable:
         raise nothing_usable(path, f"no usable {what}", skipped, expected)
     return usable, dict(skipped)
+
+
+def record_id(value: Any) -> str | None:
+    """An id as input files give it (a non-empty string or an integer, never `true`), as a
+    string; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+        return None
+    return str(value)
+
+
+def system_name(name: str | None, generators: Iterable[str | None], path: Path) -> str:
+    """What to call the system whose outputs `path` holds: `name`, else the generator all its
+    records share, else the file's stem."""
+    found = set(generators)
+    return name or (found.pop() if len(found) == 1 else None) or path.stem
 
 
 def alpaca_prompt(record: Mapping[str, Any], key: str = "instruction") -> str | None:

@@ -140,12 +140,7 @@ class RowLedger:
         self.written.add(done.index)
         await self.store.append(done.record)
         stats = self.stats
-        stats.usage = stats.usage + done.usage
-        stats.cost = stats.cost + done.cost
-        if done.ok:
-            stats.succeeded += 1
-        else:
-            stats.failed += 1
+        stats.count(done.ok, done.usage, done.cost)
         if done.cache is not None and stats.cache is not None:
             self._cache[worker] = done.cache
             totals = [sum(c[i] for c in self._cache.values()) for i in range(3)]

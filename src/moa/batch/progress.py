@@ -51,6 +51,14 @@ class BatchStats:
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
 
+    def count(self, ok: bool, usage: Usage, cost: Cost) -> None:
+        """One row finished by this run."""
+        self.usage, self.cost = self.usage + usage, self.cost + cost
+        if ok:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+
     @property
     def ran(self) -> int:
         """Rows finished (well or not) by this run."""

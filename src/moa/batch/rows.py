@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa._files import alpaca_prompt, read_records
+from moa._files import alpaca_prompt, read_records, record_id
 from moa._text import replace_unencodable
 from moa.engine import normalize_messages
 from moa.errors import InputFileError, InvalidRequest
@@ -110,7 +110,7 @@ def _row(path: Path, where: str, index: int, item: Any) -> Row:
     kind = present[0]
 
     row_id: Any = item.get("id", item.get("question_id", item.get("idx", index)))
-    if isinstance(row_id, bool) or not isinstance(row_id, int | str) or row_id == "":
+    if record_id(row_id) is None:
         field_name = next((k for k in ("id", "question_id", "idx") if k in item), "id")
         raise fail(f"{field_name!r} must be a non-empty string or an integer, got {row_id!r}")
 

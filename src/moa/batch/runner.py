@@ -162,12 +162,7 @@ async def run_batch(
             outcome = await run_row(moa, row)
             record = row_record(outcome, generator=generator, pipeline_id=pipeline_id, moa=moa)
             await store.append(record)
-            stats.usage = stats.usage + outcome.usage
-            stats.cost = stats.cost + outcome.cost
-            if outcome.ok:
-                stats.succeeded += 1
-            else:
-                stats.failed += 1
+            stats.count(outcome.ok, outcome.usage, outcome.cost)
             progress.update(stats)
 
     try:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa._files import nothing_usable, read_records
+from moa._files import nothing_usable, read_records, record_id, system_name
 from moa.errors import InputFileError
 from moa.evaluation.scoring import MatchMode, is_correct
 
@@ -219,10 +220,7 @@ def _reference(row: Mapping[str, Any], where: str) -> Reference | None:
 
 def _row_id(record: Mapping[str, Any], position: int) -> str | None:
     """The id `moa batch` gives a row: `id`, else `question_id`, else its position."""
-    raw = record.get("id", record.get("question_id", position))
-    if isinstance(raw, bool) or not isinstance(raw, int | str):
-        return None
-    return str(raw)
+    return record_id(record.get("id", record.get("question_id", position)))
 
 
 def load_references(path: Path) -> dict[str, Reference]:
@@ -278,32 +276,29 @@ def load_scored(
 ) -> ScoredSystem:
     """Score every record of a batch output; raises InputFileError if none can be scored."""
     rows: list[ScoredRow] = []
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
     seen: set[str] = set()
     generators: set[str] = set()
 
-    def skip(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
-
     for position, (line, record) in enumerate(read_records(path, _OUTPUT_FORMAT)):
         if not isinstance(record, Mapping):
-            skip("not a JSON object")
+            skipped["not a JSON object"] += 1
             continue
         source = record.get("row")
         row = source if isinstance(source, Mapping) else record
         row_id = _row_id(record, position)
         if row_id is None:
-            skip("no usable id")
+            skipped["no usable id"] += 1
             continue
         if row_id in seen:
-            skip("a repeated id (the first record was scored)")
+            skipped["a repeated id (the first record was scored)"] += 1
             continue
         if references is not None:
             reference = references.get(row_id)
         else:
             reference = _reference(row, f"{path} {line}")
         if reference is None:
-            skip("no reference answers")
+            skipped["no reference answers"] += 1
             continue
         seen.add(row_id)
         ran = record.get("ok") is not False
@@ -335,11 +330,15 @@ def load_scored(
             else "pass the input rows with --reference ROWS if the output does not carry them"
         )
         raise nothing_usable(path, "no row can be scored", skipped, hint)
-    if name is None:
-        name = next(iter(generators)) if len(generators) == 1 else path.stem
+    name = system_name(name, generators, path)
     missing = len(set(references) - seen) if references is not None else 0
     return ScoredSystem(
-        name=name, path=str(path), mode=mode, rows=tuple(rows), skipped=skipped, missing=missing
+        name=name,
+        path=str(path),
+        mode=mode,
+        rows=tuple(rows),
+        skipped=dict(skipped),
+        missing=missing,
     )
 
 

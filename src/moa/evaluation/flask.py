@@ -16,12 +16,13 @@ import asyncio
 import math
 import re
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa._files import nothing_usable, read_records
+from moa._files import nothing_usable, read_records, record_id, system_name
 from moa.errors import InputFileError
 from moa.evaluation.judges import Judge, block, visible_text
 from moa.prompts import fence_token
@@ -196,12 +197,6 @@ def _first(record: Mapping[str, Any], *keys: str) -> Any:
     return None
 
 
-def _item_id(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
-        return None
-    return str(value)
-
-
 def load_flask_items(path: Path) -> dict[str, FlaskItem]:
     """FLASK rows by id, in file order. A malformed row is an error, not a silent gap."""
     items: dict[str, FlaskItem] = {}
@@ -209,7 +204,7 @@ def load_flask_items(path: Path) -> dict[str, FlaskItem]:
         where = f"{path} {line}"
         if not isinstance(record, Mapping):
             raise InputFileError(f"{where}: not a JSON object; {_ITEM_FORMAT}")
-        item_id = _item_id(_first(record, "question_id", "idx", "id"))
+        item_id = record_id(_first(record, "question_id", "idx", "id"))
         instruction = _first(record, "instruction", "text")
         if item_id is None or not isinstance(instruction, str) or not instruction.strip():
             raise InputFileError(
@@ -254,34 +249,31 @@ def load_flask_answers(
     no id (AlpacaEval's format)."""
     by_instruction = {item.instruction.strip(): item.id for item in items.values()}
     answers: dict[str, str] = {}
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
     generators: set[str] = set()
-
-    def skip(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
 
     for _, record in read_records(path, _ANSWER_FORMAT):
         if not isinstance(record, Mapping):
-            skip("not a JSON object")
+            skipped["not a JSON object"] += 1
             continue
         if record.get("ok") is False:
-            skip("failed in the batch (ok: false)")
+            skipped["failed in the batch (ok: false)"] += 1
             continue
         text = record.get("output", record.get("text"))
         if not isinstance(text, str) or not text.strip():
-            skip("no answer text")
+            skipped["no answer text"] += 1
             continue
-        item_id = _item_id(_first(record, "question_id", "id", "idx"))
+        item_id = record_id(_first(record, "question_id", "id", "idx"))
         if item_id is None:
             instruction = record.get("instruction")
             item_id = (
                 by_instruction.get(instruction.strip()) if isinstance(instruction, str) else None
             )
         if item_id is None or item_id not in items:
-            skip("no matching item")
+            skipped["no matching item"] += 1
             continue
         if item_id in answers:
-            skip("a second answer to one item (the first is graded)")
+            skipped["a second answer to one item (the first is graded)"] += 1
             continue
         answers[item_id] = text
         generator = _first(record, "generator", "model_id")
@@ -289,9 +281,8 @@ def load_flask_answers(
             generators.add(generator)
     if not answers:
         raise nothing_usable(path, "no usable answers", skipped, _ANSWER_FORMAT)
-    if name is None:
-        name = next(iter(generators)) if len(generators) == 1 else path.stem
-    return FlaskAnswers(path=path, name=name, answers=answers, skipped=skipped)
+    name = system_name(name, generators, path)
+    return FlaskAnswers(path=path, name=name, answers=answers, skipped=dict(skipped))
 
 
 # --- the judge's prompt and its reply -------------------------------------------------------

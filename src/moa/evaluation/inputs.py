@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa._files import alpaca_prompt, read_records, read_usable
+from moa._files import alpaca_prompt, read_records, read_usable, record_id, system_name
 from moa.engine import normalize_messages
 from moa.errors import InputFileError, InvalidRequest
 from moa.evaluation.mt_bench import ModelAnswer, Question
@@ -147,10 +147,7 @@ def load_outputs(path: Path, name: str | None = None) -> OutputSet:
     """One system's outputs. Its name: `name`, else the generator every row shares, else the
     file's stem."""
     rows, skipped = read_usable(path, _PAIRWISE_FORMATS, "rows", _row)
-    generators = {row.generator for row in rows}
-    if name is None:
-        only = next(iter(generators)) if len(generators) == 1 else None
-        name = only or path.stem
+    name = system_name(name, (row.generator for row in rows), path)
     return OutputSet(path=path, name=name, rows=tuple(rows), skipped=skipped)
 
 
@@ -224,12 +221,6 @@ _ANSWER_FORMAT = (
 )
 
 
-def _question_id(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return None
-    return str(value)
-
-
 def _strings(value: Any) -> tuple[str, ...] | None:
     if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
         return None
@@ -244,7 +235,7 @@ def load_questions(path: Path) -> dict[str, Question]:
         where = f"{path} {line}"
         if not isinstance(record, Mapping):
             raise InputFileError(f"{where}: not a JSON object; {_QUESTION_FORMAT}")
-        qid = _question_id(record.get("question_id"))
+        qid = record_id(record.get("question_id"))
         turns = _strings(record.get("turns"))
         if qid is None or turns is None:
             raise InputFileError(
@@ -273,7 +264,7 @@ def _answer(record: Any) -> ModelAnswer | str:
         return "not a JSON object"
     if "question_id" not in record and "outputs" in record:
         return _batch_answer(record)
-    qid = _question_id(record.get("question_id"))
+    qid = record_id(record.get("question_id"))
     if qid is None:
         return "no question_id"
     choices = record.get("choices")
@@ -294,8 +285,8 @@ def _batch_answer(record: Mapping[str, Any]) -> ModelAnswer | str:
     if record.get("ok") is False:
         return "failed in the batch (ok: false)"
     source = record.get("row")
-    qid = _question_id(source.get("question_id")) if isinstance(source, Mapping) else None
-    qid = qid or _question_id(record.get("id"))
+    qid = record_id(source.get("question_id")) if isinstance(source, Mapping) else None
+    qid = qid or record_id(record.get("id"))
     if qid is None:
         return "no question_id (nor id)"
     turns = _strings(record.get("outputs"))

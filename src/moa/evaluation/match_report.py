@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moa.evaluation.accuracy import CategoryAccuracy, Paired, ScoredSystem, flipped
-from moa.evaluation.report import _cell, _table
+from moa.evaluation.report import cell, table
 
 __all__ = ["match_json", "match_markdown"]
 
@@ -24,30 +24,30 @@ def _accuracy_row(name: str, acc: CategoryAccuracy) -> list[str]:
 
 def _system_markdown(system: ScoredSystem) -> list[str]:
     lines = [
-        f"## Accuracy: {_cell(system.name)}",
+        f"## Accuracy: {cell(system.name)}",
         "",
-        f"{_cell(system.path)}, matched by `{system.mode}`. "
+        f"{cell(system.path)}, matched by `{system.mode}`. "
         f"Per row: {system.mean('calls'):.2f} calls, {system.mean('tokens'):.0f} tokens, "
         f"{system.mean('seconds'):.2f} s.",
         "",
     ]
-    rows = [_accuracy_row(_cell(c.category), c) for c in system.categories]
+    rows = [_accuracy_row(cell(c.category), c) for c in system.categories]
     rows.append(_accuracy_row("**overall**", system.overall))
-    lines += _table(["Category", "Accuracy (%)", "SE (%)", "Correct", "Rows"], rows)
+    lines += table(["Category", "Accuracy (%)", "SE (%)", "Correct", "Rows"], rows)
     notes = []
     if system.failed:
         notes.append(f"Rows whose run failed (scored wrong): {system.failed}.")
     if system.missing:
         notes.append(f"Reference rows without a record in the output: {system.missing}.")
     for reason, n in system.skipped.items():
-        notes.append(f"Records set aside ({_cell(reason)}): {n}.")
+        notes.append(f"Records set aside ({cell(reason)}): {n}.")
     if notes:
         lines += ["", " ".join(notes)]
     return [*lines, ""]
 
 
 def _paired_markdown(systems: Sequence[ScoredSystem], paired: Paired) -> list[str]:
-    a, b = _cell(paired.a), _cell(paired.b)
+    a, b = cell(paired.a), cell(paired.b)
     lines = [
         f"## Paired: {b} vs {a}",
         "",
@@ -61,10 +61,10 @@ def _paired_markdown(systems: Sequence[ScoredSystem], paired: Paired) -> list[st
     flips = list(flipped(systems, paired))
     if flips:
         shown = [
-            [_cell(row.id), _cell(winner), _cell(row.question), _cell(" / ".join(row.answers))]
+            [cell(row.id), cell(winner), cell(row.question), cell(" / ".join(row.answers))]
             for winner, row in flips[:_FLIPS_SHOWN]
         ]
-        lines += ["", *_table(["Flipped row", "Right in", "Question", "Accepted"], shown)]
+        lines += ["", *table(["Flipped row", "Right in", "Question", "Accepted"], shown)]
         if len(flips) > _FLIPS_SHOWN:
             lines.append(f"\n… and {len(flips) - _FLIPS_SHOWN} more (see --output-json).")
     return [*lines, ""]

@@ -25,20 +25,15 @@ __all__ = [
 ]
 
 
-def _cell(text: str) -> str:
+def cell(text: str) -> str:
     """Text that cannot break a Markdown table row."""
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines.extend("| " + " | ".join(row) + " |" for row in rows)
     return lines
-
-
-#: Public names for the other evaluations' reports.
-cell = _cell
-table = _table
 
 
 def _percent(value: float | None) -> str:
@@ -54,15 +49,15 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 def pairwise_markdown(report: PairwiseReport) -> str:
     s = report.summary
-    a, b = _cell(report.a.name), _cell(report.b.name)
+    a, b = cell(report.a.name), cell(report.b.name)
     lines = [
         f"## Pairwise: {a} vs {b}",
         "",
-        f"Judge: {_cell(report.judge)}. Each item judged in both orders; ties count half; "
+        f"Judge: {cell(report.judge)}. Each item judged in both orders; ties count half; "
         f"items matched by {report.matched_by}.",
         "",
     ]
-    lines += _table(
+    lines += table(
         ["System", "Win rate (%)", "SE (%)", "Wins", "Ties", "Losses", "Items scored"],
         [
             [
@@ -92,12 +87,12 @@ def pairwise_markdown(report: PairwiseReport) -> str:
     ]
     for side in (report.a, report.b):
         for reason, n in side.skipped.items():
-            counts.append([f"Rows of {_cell(side.name)} set aside: {_cell(reason)}", str(n)])
+            counts.append([f"Rows of {cell(side.name)} set aside: {cell(reason)}", str(n)])
     if report.prompt_mismatches:
         counts.append(
             ["Items whose prompts differ between the files", str(report.prompt_mismatches)]
         )
-    lines += ["", *_table(["Detail", "Count"], counts)]
+    lines += ["", *table(["Detail", "Count"], counts)]
     return "\n".join(lines) + "\n"
 
 
@@ -184,14 +179,14 @@ def mt_bench_markdown(report: MTBenchReport) -> str:
     turn_headers = [f"Turn {t}" for t in range(1, report.turns + 1)]
     for model in report.models:
         lines += [
-            f"## MT-Bench: {_cell(model.model)}",
+            f"## MT-Bench: {cell(model.model)}",
             "",
-            f"Judge: {_cell(report.judge)}. Single-answer grading, 1-10 per turn.",
+            f"Judge: {cell(report.judge)}. Single-answer grading, 1-10 per turn.",
             "",
         ]
-        rows = [_category_row(c, _cell(c.category)) for c in model.categories]
+        rows = [_category_row(c, cell(c.category)) for c in model.categories]
         rows.append(_category_row(model.overall, "**overall**"))
-        lines += _table(["Category", *turn_headers, "Mean", "Graded turns"], rows)
+        lines += table(["Category", *turn_headers, "Mean", "Graded turns"], rows)
         lines += [
             "",
             f"Unparseable grades: {model.unparseable}. Failed judge calls: "
@@ -207,7 +202,7 @@ def mt_bench_markdown(report: MTBenchReport) -> str:
             f"Repeated answers to one question (the first was graded): {report.duplicates}."
         )
     for reason, n in report.skipped_answers.items():
-        extra.append(f"Records of the answers file set aside ({_cell(reason)}): {n}.")
+        extra.append(f"Records of the answers file set aside ({cell(reason)}): {n}.")
     if extra:
         lines += [" ".join(extra), ""]
     return "\n".join(lines)
