@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -127,18 +127,11 @@ def format_cost(cost: Cost) -> str:
 
 
 def progress_bar(
-    label: str, console: Console, *after: ProgressColumn, transient: bool = False
+    label: str, console: Console, *after: ProgressColumn, transient: bool = False, **options: Any
 ) -> Progress:
     """The bar of every long command: its label, the bar, done/total, then `after`."""
-    return Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        *after,
-        console=console,
-        transient=transient,
-        refresh_per_second=4,
-    )
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), *after)
+    return Progress(*columns, console=console, transient=transient, refresh_per_second=4, **options)
 
 
 class CountBar:
@@ -146,28 +139,24 @@ class CountBar:
     settle), as a bar that goes away at the end; on a stream that is not a terminal, nothing."""
 
     def __init__(self, label: str, stream: TextIO) -> None:
-        self._progress: Progress | None = None
-        if stream.isatty():
-            console = Console(file=stream)
-            self._progress = progress_bar(label, console, TimeElapsedColumn(), transient=True)
-            self._task = self._progress.add_task(label, total=None)
+        console, silent = Console(file=stream), not stream.isatty()
+        self._bar = progress_bar(
+            label, console, TimeElapsedColumn(), transient=True, disable=silent
+        )
+        self._task = self._bar.add_task(label, total=None)
 
     def __enter__(self) -> CountBar:
-        if self._progress is not None:
-            self._progress.start()
+        self._bar.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        self._bar.stop()
 
     def started(self, total: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, total=total)
+        self._bar.update(self._task, total=total)
 
     def done(self, n: int) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task, n)
+        self._bar.advance(self._task, n)
 
 
 class ProgressView(Protocol):
