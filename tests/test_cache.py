@@ -62,7 +62,7 @@ def test_key_separates_everything_that_decides_an_answer() -> None:
         cache_key("http://a/v1", _request(temperature=0.7, max_tokens=11)),
         cache_key("http://a/v1", _request(temperature=0.7, max_tokens=10, top_p=0.9)),
         cache_key("http://a/v1", _request(temperature=0.7, max_tokens=10, seed=1)),
-        cache_key("http://a/v1", _request(temperature=0.7, max_tokens=10, sample=1)),
+        cache_key("http://a/v1", _request(temperature=0.7, max_tokens=10, sample_index=1)),
     ]
     assert len({base, *variants}) == len(variants) + 1
 
@@ -99,7 +99,7 @@ def test_a_repeated_call_is_answered_from_the_cache(
             assert len(fake.requests) == 1
             assert second == first
             assert second.usage is not None and second.usage.total_tokens > 0
-            await provider.complete(_request(sample=1))  # another Self-MoA sample: its own answer
+            await provider.complete(_request(sample_index=1))  # another Self-MoA sample: its own
             assert len(fake.requests) == 2
         finally:
             await upstream.aclose()

@@ -20,6 +20,7 @@ from moa.providers import build_providers
 from moa.providers.base import ChatRequest, Completion, StreamChunk
 from moa.providers.limits import RECOVERY_S, RateLimitedProvider, SlowDown
 from moa.providers.openai_compat import OpenAICompatibleProvider
+from moa.retry import backoff
 from moa.testing import FakeOpenAIServer, Reply
 
 
@@ -155,7 +156,8 @@ def test_slow_down_recovers_after_quiet_periods() -> None:
     slow.rate_limited(retry_after=None)
     slow.rate_limited(retry_after=None)
     assert slow.factor() == 0.25
-    assert slow.paused_until == 100.0 + 2.0  # backoff doubles without Retry-After
+    # Without Retry-After, the pause is the retry policy's backoff after two failures in a row.
+    assert slow.paused_until == 100.0 + backoff(2) == 100.0 + 2 * backoff(1)
     now[0] += RECOVERY_S
     assert slow.factor() == 0.5
     now[0] += RECOVERY_S * 5

@@ -52,12 +52,13 @@ class RunBudget:
         self.used = 0
         self._reserved = 0
 
-    def reserve(self, tokens: int) -> int:
+    def reserve(self, tokens: int) -> None:
+        """Hold `tokens` for a call about to start; BudgetExceeded if they would not fit."""
         if self.limit is not None and self.used + self._reserved + tokens > self.limit:
             raise BudgetExceeded(self.used + self._reserved, tokens, self.limit)
         self._reserved += tokens
-        return tokens
 
     def settle(self, reserved: int, actual: int) -> None:
+        """Release a reservation of `reserved` tokens, counting the `actual` ones spent."""
         self._reserved -= reserved
         self.used += actual

@@ -8,11 +8,9 @@ cancellation pass through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moa import tracing
@@ -32,10 +30,13 @@ from moa.providers.base import (
     ChatRequest,
     Completion,
     Provider,
+    StreamChunk,
+    estimate_text_tokens,
 )
+from moa.providers.collect import StreamCollector
 from moa.results import AgentResult, AgentStatus, FailureKind, TokenLogprob, Usage
 from moa.retry import decide_retry
-from moa.runaway import RUNAWAY_CAUSE, RUNAWAY_FINISH, Runaway, RunawayGuard, find_runaway
+from moa.runaway import RUNAWAY_CAUSE, RUNAWAY_FINISH, Runaway
 
 __all__ = ["AgentCall", "call_agent"]
 
@@ -131,76 +132,52 @@ async def _attempt(
     request: ChatRequest,
     agent: Agent,
     on_text: Callable[[str], None] | None,
-    received: list[str],
-    runaways: list[Runaway],
+    collected: StreamCollector,
 ) -> Completion:
-    """One try, bounded by `timeout` (and `first_token_timeout` when streaming). A generation
-    caught in a loop is cut at its first repeat (moa.runaway), noted in `runaways`."""
+    """One try, bounded by `timeout` (and `first_token_timeout` when streaming). What arrives goes
+    into `collected`, which cuts a generation caught in a loop at its first repeat
+    (moa.runaway): a streamed one as soon as the loop shows, so it stops, a whole answer once it
+    is in (too late to save the tokens, not too late to keep the loop out of the next layer;
+    the embedded model stops its own loops early)."""
     where: dict[str, Any] = {"provider": provider.name, "model": agent.model}
-    if on_text is None:
-        try:
-            async with asyncio.timeout(agent.timeout):
-                completion = await provider.complete(request)
-        except TimeoutError:
-            raise ProviderTimeout(
-                f"no answer within timeout={agent.timeout:g} s", **where
-            ) from None
-        # A whole answer: too late to save the tokens, not too late to keep the loop out of the
-        # next layer. (The embedded model stops its own loops early: see LlamaCppProvider.)
-        runaway = find_runaway(completion.text)
-        if runaway is None:
-            return completion
-        runaways.append(runaway)
-        return replace(
-            completion, text=completion.text[: runaway.keep], finish_reason=RUNAWAY_FINISH
-        )
-
-    finish: str | None = None
-    usage: Usage | None = None
-    logprobs: list[TokenLogprob] | None = None
-    guard = RunawayGuard()
     try:
         async with asyncio.timeout(agent.timeout):
-            try:
-                async with (
-                    asyncio.timeout(agent.first_token_timeout) as first_token,
-                    contextlib.aclosing(provider.stream(request)) as chunks,
-                ):
-                    async for chunk in chunks:
-                        if chunk.text:
-                            if not received:
-                                first_token.reschedule(None)
-                            received.append(chunk.text)
-                            on_text(chunk.text)
-                            runaway = guard.feed(chunk.text)
-                            if runaway is not None:  # leaving closes the stream: it stops
-                                runaways.append(runaway)
-                                break
-                        finish = chunk.finish_reason or finish
-                        usage = chunk.usage or usage
-                        if chunk.logprobs is not None:
-                            logprobs = [*(logprobs or ()), *chunk.logprobs]
-            except TimeoutError:
-                raise ProviderTimeout(
-                    f"no first token within first_token_timeout={agent.first_token_timeout:g} s",
-                    **where,
-                ) from None
+            if on_text is None:
+                done = await provider.complete(request)
+                collected.add(StreamChunk(done.text, done.finish_reason, done.usage, done.logprobs))
+            else:
+                await _stream(provider, request, agent, on_text, collected)
     except TimeoutError:
+        answer = "answer" if on_text is None else "complete answer"
         error: ProviderError = ProviderTimeout(
-            f"no complete answer within timeout={agent.timeout:g} s", **where
+            f"no {answer} within timeout={agent.timeout:g} s", **where
         )
-        if received:
-            error = StreamInterrupted(str(error), partial="".join(received), **where)
+        if collected.text:
+            error = StreamInterrupted(str(error), partial=collected.text, **where)
         raise error from None
-    if runaways:
-        text = "".join(received)[: runaways[-1].keep]
-        return Completion(text=text, finish_reason=RUNAWAY_FINISH, usage=usage)
-    return Completion(
-        text="".join(received),
-        finish_reason=finish,
-        usage=usage,
-        logprobs=None if logprobs is None else tuple(logprobs),
-    )
+    return collected.completion()
+
+
+async def _stream(
+    provider: Provider,
+    request: ChatRequest,
+    agent: Agent,
+    on_text: Callable[[str], None],
+    collected: StreamCollector,
+) -> None:
+    def text(piece: str) -> None:
+        first_token.reschedule(None)  # text came: from now on only `timeout` counts
+        on_text(piece)
+
+    try:
+        async with asyncio.timeout(agent.first_token_timeout) as first_token:
+            await collected.read(provider.stream(request), text)
+    except TimeoutError:
+        raise ProviderTimeout(
+            f"no first token within first_token_timeout={agent.first_token_timeout:g} s",
+            provider=provider.name,
+            model=agent.model,
+        ) from None
 
 
 def _status(completion: Completion) -> AgentStatus:
@@ -209,6 +186,19 @@ def _status(completion: Completion) -> AgentStatus:
     if completion.finish_reason in ("length", RUNAWAY_FINISH):
         return "truncated"
     return "ok"
+
+
+@dataclass(slots=True)
+class _Tries:
+    """What one call carries from each attempt to the next."""
+
+    started: float
+    want_logprobs: bool
+    attempts: int = 0
+    usage: Usage = field(default_factory=Usage)
+    trimmed: bool = False
+    #: Set after a context-length refusal: the references get half the room they had.
+    reference_budget: int | None = None
 
 
 async def call_agent(
@@ -223,136 +213,165 @@ async def call_agent(
 
     `quiet`: `on_text` only listens (the straggler cut-off), nobody is shown the text, so a
     stream that breaks midway is retried like a broken response instead of failing the call."""
-    agent = call.agent
-    started = time.monotonic()
-    usage = Usage()
-    attempts = 0
-    reference_budget: int | None = None
-    shrunk_for_context = False
-    trimmed = False
-    want_logprobs = call.logprobs
-    logprobs: tuple[TokenLogprob, ...] | None = None
-
-    def result(
-        status: AgentStatus,
-        output: str = "",
-        error: str | None = None,
-        failure: FailureKind | None = None,
-    ) -> AgentResult:
-        return AgentResult(
-            layer=call.layer,
-            index=call.index,
-            provider=agent.provider,
-            model=agent.model,
-            status=status,
-            output=output,
-            error=error,
-            latency_s=time.monotonic() - started,
-            usage=usage,
-            attempts=attempts,
-            references_trimmed=trimmed,
-            failure=failure,
-            logprobs=logprobs,
-        )
-
+    tries = _Tries(started=asyncio.get_running_loop().time(), want_logprobs=call.logprobs)
     while True:
-        attempts += 1
-        prompt = await _prepare(provider, call, reference_budget)
-        trimmed = trimmed or prompt.trimmed
-        request = ChatRequest(
-            model=agent.model,
-            messages=prompt.messages,
-            temperature=agent.temperature,
-            max_tokens=agent.max_tokens,
-            top_p=agent.top_p,
-            seed=agent.seed,
-            timeout=agent.timeout,
-            sample=call.index,
-            continue_final=call.prefix is not None and call.continuation == "native",
-            frequency_penalty=agent.frequency_penalty,
-            presence_penalty=agent.presence_penalty,
-            stop=agent.stop,
-            repeat_penalty=agent.repeat_penalty,
-            min_p=agent.min_p,
-            logprobs=want_logprobs,
-            top_logprobs=call.top_logprobs if want_logprobs else None,
-            user=agent.user,
-        )
-        reserved = budget.reserve(prompt.tokens + agent.max_tokens)
-        tracing.note_request(request)
-        received: list[str] = []
-        runaways: list[Runaway] = []
-        spent = Usage()
-        try:
-            completion = await _attempt(provider, request, agent, on_text, received, runaways)
-            spent = completion.usage or Usage(prompt.tokens, max(1, len(completion.text) // 4))
-        except ProviderError as error:
-            if received:  # tokens were generated, and are billed, even though the call failed
-                spent = Usage(prompt.tokens, len(received))
-            usage = usage + spent
-            budget.settle(reserved, spent.total_tokens)
-            log.debug("%s attempt %d failed: %s", call_label(call), attempts, error.describe())
-            if isinstance(error, StreamInterrupted) and not quiet:  # a retry would repeat text
-                return result(
-                    "failed", output=error.partial, error=error.describe(), failure="transient"
-                )
-                return result("failed", output=error.partial, error=error.describe())
-            if want_logprobs and _refused_logprobs(error):
-                # Some servers refuse the logprobs fields outright: ask again without them; the
-                # strategy that wanted them notices they are missing and says so.
-                want_logprobs = False
-                continue
-            if isinstance(error, ContextLengthExceeded):
-                if shrunk_for_context or not call.references:
-                    return result(
-                        "failed",
-                        error=f"{error.describe()} (the prompt does not fit even with the "
-                        "references halved: lower max_tokens or set context_window)",
-                        failure="context_length",
-                    )
-                shrunk_for_context = True
-                tracing.add_event("moa.references_shrunk", attempt=attempts)
-                reference_budget = max(prompt.reference_tokens // 2, 1)
-                continue
-            decision = decide_retry(
-                error,
-                attempt=attempts,
-                max_attempts=agent.max_attempts,
-                max_retry_wait=agent.max_retry_wait,
+        collected = StreamCollector(stop_runaways=True)
+        prompt, outcome = await _try_once(provider, call, tries, budget, on_text, collected)
+        if isinstance(outcome, Completion):
+            return _answered(call, tries, outcome, collected.runaway)
+        log.debug("%s attempt %d failed: %s", call_label(call), tries.attempts, outcome.describe())
+        failed = await _after_failure(call, tries, prompt, outcome, quiet)
+        if failed is not None:
+            return failed
+
+
+async def _try_once(
+    provider: Provider,
+    call: AgentCall,
+    tries: _Tries,
+    budget: RunBudget,
+    on_text: Callable[[str], None] | None,
+    collected: StreamCollector,
+) -> tuple[_Prompt, Completion | ProviderError]:
+    """One attempt, its tokens reserved from the run's budget beforehand and settled after,
+    whatever happens (cancellation included); only a provider's failure is returned."""
+    tries.attempts += 1
+    prompt = await _prepare(provider, call, tries.reference_budget)
+    tries.trimmed = tries.trimmed or prompt.trimmed
+    request = _request(call, prompt.messages, logprobs=tries.want_logprobs)
+    worst = prompt.tokens + call.agent.max_tokens
+    budget.reserve(worst)
+    tracing.note_request(request)
+    answered = False
+    try:
+        completion = await _attempt(provider, request, call.agent, on_text, collected)
+        answered = True
+        return prompt, completion
+    except ProviderError as error:
+        return prompt, error
+    finally:
+        spent = _spent(prompt.tokens, collected, answered)
+        tries.usage = tries.usage + spent
+        budget.settle(worst, spent.total_tokens)
+
+
+def _spent(prompt_tokens: int, collected: StreamCollector, answered: bool) -> Usage:
+    """What an attempt cost: the provider's count, else an estimate. Text generated before a
+    failure was billed too, so it counts; an attempt that produced nothing costs nothing."""
+    if collected.usage is not None:
+        return collected.usage
+    if answered or collected.text:
+        return Usage(prompt_tokens, estimate_text_tokens(collected.text))
+    return Usage()
+
+
+def _request(call: AgentCall, messages: list[ChatMessage], *, logprobs: bool) -> ChatRequest:
+    agent = call.agent
+    return ChatRequest(
+        model=agent.model,
+        messages=messages,
+        temperature=agent.temperature,
+        max_tokens=agent.max_tokens,
+        top_p=agent.top_p,
+        seed=agent.seed,
+        timeout=agent.timeout,
+        sample_index=call.index,
+        continue_final=call.prefix is not None and call.continuation == "native",
+        frequency_penalty=agent.frequency_penalty,
+        presence_penalty=agent.presence_penalty,
+        stop=agent.stop,
+        repeat_penalty=agent.repeat_penalty,
+        min_p=agent.min_p,
+        logprobs=logprobs,
+        top_logprobs=call.top_logprobs if logprobs else None,
+        user=agent.user,
+    )
+
+
+async def _after_failure(
+    call: AgentCall, tries: _Tries, prompt: _Prompt, error: ProviderError, quiet: bool
+) -> AgentResult | None:
+    """The failed result, or None to try again (after waiting, if the retry policy says so)."""
+    if isinstance(error, StreamInterrupted) and not quiet:  # text went out: no silent restart
+        return _result(call, tries, "failed", error.partial, error.describe(), failure="transient")
+    if tries.want_logprobs and _refused_logprobs(error):
+        # Some servers refuse the logprobs fields outright: ask again without them; the
+        # strategy that wanted them notices they are missing and says so.
+        tries.want_logprobs = False
+        return None
+    if isinstance(error, ContextLengthExceeded):
+        if tries.reference_budget is not None or not call.references:
+            cause = (
+                f"{error.describe()} (the prompt does not fit even with the references halved: "
+                "lower max_tokens or set context_window)"
             )
-            if not decision.retry:
-                cause = error.describe()
-                if decision.reason and decision.reason != "not retryable":
-                    cause = f"{cause} ({decision.reason})"
-                kind: FailureKind = "transient" if error.retryable else "rejected"
-                return result("failed", error=cause, failure=kind)
-            tracing.add_event(
-                "moa.retry",
-                attempt=attempts,
-                wait_s=decision.wait_s,
-                **{"error.type": type(error).__name__},
-            )
-            await asyncio.sleep(decision.wait_s)
-            continue
-        except BaseException:
-            budget.settle(reserved, spent.total_tokens)
-            raise
-        usage = usage + spent
-        budget.settle(reserved, spent.total_tokens)
-        tracing.note_response(completion)
-        status = _status(completion)
-        log.debug(
-            "%s attempt %d: %s in %.2f s",
-            call_label(call),
-            attempts,
-            status,
-            time.monotonic() - started,
-        )
-        logprobs = completion.logprobs
-        note = "empty answer" if status == "empty" else None
-        if completion.finish_reason == RUNAWAY_FINISH:
-            note = runaways[-1].describe() if runaways else RUNAWAY_CAUSE
-        return result(status, output=completion.text, error=note)
+            return _result(call, tries, "failed", error=cause, failure="context_length")
+        tracing.add_event("moa.references_shrunk", attempt=tries.attempts)
+        tries.reference_budget = max(prompt.reference_tokens // 2, 1)
+        return None
+    agent = call.agent
+    decision = decide_retry(
+        error,
+        attempt=tries.attempts,
+        max_attempts=agent.max_attempts,
+        max_retry_wait=agent.max_retry_wait,
+    )
+    if not decision.retry:
+        cause = error.describe()
+        if decision.reason and decision.reason != "not retryable":
+            cause = f"{cause} ({decision.reason})"
+        kind: FailureKind = "transient" if error.retryable else "rejected"
+        return _result(call, tries, "failed", error=cause, failure=kind)
+    tracing.add_event(
+        "moa.retry",
+        attempt=tries.attempts,
+        wait_s=decision.wait_s,
+        **{"error.type": type(error).__name__},
+    )
+    await asyncio.sleep(decision.wait_s)
+    return None
+
+
+def _answered(
+    call: AgentCall, tries: _Tries, completion: Completion, runaway: Runaway | None
+) -> AgentResult:
+    tracing.note_response(completion)
+    status = _status(completion)
+    note = "empty answer" if status == "empty" else None
+    if completion.finish_reason == RUNAWAY_FINISH:  # cut by us, or by the provider itself
+        note = runaway.describe() if runaway is not None else RUNAWAY_CAUSE
+    result = _result(call, tries, status, completion.text, note, logprobs=completion.logprobs)
+    log.debug(
+        "%s attempt %d: %s in %.2f s", call_label(call), tries.attempts, status, result.latency_s
+    )
+    return result
+
+
+def _result(
+    call: AgentCall,
+    tries: _Tries,
+    status: AgentStatus,
+    output: str = "",
+    error: str | None = None,
+    *,
+    failure: FailureKind | None = None,
+    logprobs: tuple[TokenLogprob, ...] | None = None,
+) -> AgentResult:
+    return AgentResult(
+        layer=call.layer,
+        index=call.index,
+        provider=call.agent.provider,
+        model=call.agent.model,
+        status=status,
+        output=output,
+        error=error,
+        latency_s=asyncio.get_running_loop().time() - tries.started,
+        usage=tries.usage,
+        attempts=tries.attempts,
+        references_trimmed=tries.trimmed,
+        failure=failure,
+        logprobs=logprobs,
+    )
 
 
 def _refused_logprobs(error: ProviderError) -> bool:

@@ -462,7 +462,7 @@ class MoA:
             )
         )
         if isinstance(error, LayerFailed):
-            layers = [*layers, LayerResult(error.layer, tuple(error.results), 0.0)]
+            layers = [*layers, LayerResult(tuple(error.results), 0.0)]
         return RunResult(
             output=getattr(error, "partial", "") or "",
             layers=tuple(layers),
@@ -579,7 +579,7 @@ class MoA:
         tracing.layer_done(ordered)
         if sum(r.ok for r in ordered) < layer.min_ok:
             raise LayerFailed(number, layer.min_ok, ordered)
-        return LayerResult(number, ordered, time.monotonic() - started)
+        return LayerResult(ordered, time.monotonic() - started)
 
     async def _call_agent(
         self,

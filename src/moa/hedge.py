@@ -6,15 +6,14 @@ cancelled at once, which closes its connection.
     primary ──────── no token yet ─┬──────────────── first token? ─► winner, other cancelled
                      hedge_after ──┴─► hedge ──────── first token? ─┘
 
-Both calls cost tokens: the loser's prompt (it was sent and read) and whatever text it had
-streamed are added to the winner's usage, so usage and cost tell the truth. A request that
+Both calls cost tokens: the loser's prompt (it was sent and read; it streamed no text, or it
+would have won) is added to the winner's usage, so usage and cost tell the truth. A request that
 fails before any text waits for the other one; only when both fail does the attempt fail.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Literal
@@ -28,7 +27,9 @@ from moa.providers.base import (
     Completion,
     Provider,
     StreamChunk,
+    estimate_text_tokens,
 )
+from moa.providers.collect import collect
 from moa.results import AgentResult, Usage
 
 __all__ = ["HedgedProvider", "call_hedged"]
@@ -53,20 +54,11 @@ class HedgedProvider:
         self.hedges = 0
 
     async def complete(self, request: ChatRequest) -> Completion:
-        parts: list[str] = []
-        finish: str | None = None
-        usage: Usage | None = None
-        async with contextlib.aclosing(self.stream(request)) as chunks:
-            async for chunk in chunks:
-                parts.append(chunk.text)
-                finish = chunk.finish_reason or finish
-                usage = chunk.usage or usage
-        return Completion(text="".join(parts), finish_reason=finish, usage=usage)
+        return await collect(self.stream(request))
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         self.winner = None
         queue: asyncio.Queue[tuple[Side, object]] = asyncio.Queue()
-        sent: dict[Side, int] = {"primary": 0, "hedge": 0}
         tasks: dict[Side, asyncio.Task[None]] = {
             "primary": asyncio.create_task(_pump(self.primary, request, "primary", queue))
         }
@@ -109,7 +101,6 @@ class HedgedProvider:
                         continue
                     winner = side
                     await self._cancel_losers(tasks, winner)
-                sent[side] += 1
                 finish = item.finish_reason or finish
                 usage = item.usage or usage
                 if item.text:
@@ -117,11 +108,11 @@ class HedgedProvider:
                     yield StreamChunk(text=item.text)
             self.winner = winner if len(tasks) > 1 else None
             total = usage or Usage(
-                await self._prompt_tokens(winner, request), max(1, len("".join(text)) // 4)
+                await self._prompt_tokens(winner, request), estimate_text_tokens("".join(text))
             )
             for side in tasks:
-                if side != winner:
-                    total = total + Usage(await self._prompt_tokens(side, request), sent[side])
+                if side != winner:  # it streamed no text (the first text wins): only its prompt
+                    total = total + Usage(await self._prompt_tokens(side, request), 0)
             yield StreamChunk(finish_reason=finish, usage=total)
         finally:
             for task in tasks.values():

@@ -120,7 +120,8 @@ class AgentResult:
 
 @dataclass(frozen=True, slots=True)
 class LayerResult:
-    index: int
+    """One proposer layer's agents, in order (their `layer` says which layer, from 1)."""
+
     agents: tuple[AgentResult, ...]
     latency_s: float
 
@@ -325,7 +326,6 @@ def _run_to_dict(result: RunResult) -> dict[str, Any]:
         "error": result.error,
         "layers": [
             {
-                "index": layer.index,
                 "latency_s": layer.latency_s,
                 "agents": [_agent_to_dict(a) for a in layer.agents],
             }
@@ -376,11 +376,7 @@ def _run_from_dict(data: dict[str, Any]) -> RunResult:
     return RunResult(
         output=data["output"],
         layers=tuple(
-            LayerResult(
-                layer["index"],
-                tuple(_agent_from_dict(a) for a in layer["agents"]),
-                layer["latency_s"],
-            )
+            LayerResult(tuple(_agent_from_dict(a) for a in layer["agents"]), layer["latency_s"])
             for layer in data["layers"]
         ),
         aggregator=_agent_from_dict(data["aggregator"]),

@@ -7,10 +7,16 @@ from dataclasses import dataclass
 
 from moa.errors import ProviderError, ProviderStatusError
 
-__all__ = ["RetryDecision", "decide_retry"]
+__all__ = ["RetryDecision", "backoff", "decide_retry"]
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 20.0
+
+
+def backoff(failures: int) -> float:
+    """The longest wait after `failures` failures in a row: doubling from BACKOFF_BASE_S, up
+    to BACKOFF_CAP_S. The one backoff of the package (calls, and providers paused by a 429)."""
+    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** (failures - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +48,7 @@ def decide_retry(
                 f"max_retry_wait={max_retry_wait:g} s",
             )
         return RetryDecision(True, wait_s=error.retry_after)
-    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+    ceiling = backoff(attempt)
     # "Equal jitter": at least half the ceiling, so retries back off, spread over the rest.
     wait = ceiling / 2 + random.uniform(0, ceiling / 2)
     return RetryDecision(True, wait_s=min(wait, max_retry_wait))

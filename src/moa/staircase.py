@@ -33,7 +33,7 @@ from moa.calls import AgentCall
 from moa.config import Layer, ProviderConfig
 from moa.continuation import Continuation, WordGate, join_continuation
 from moa.errors import AggregatorFailed, LayerFailed, RunError
-from moa.providers.base import ChatMessage
+from moa.providers.base import ChatMessage, estimate_text_tokens
 from moa.results import (
     AgentFinished,
     AgentResult,
@@ -204,7 +204,7 @@ class _Proposers:
 
     def result(self) -> LayerResult:
         ordered = tuple(self.results[i] for i in range(len(self.tasks)))
-        return LayerResult(self.number, ordered, self.loop.time() - self.started)
+        return LayerResult(ordered, self.loop.time() - self.started)
 
 
 async def run_staircase(
@@ -292,7 +292,7 @@ async def run_staircase(
                 gate = WordGate(out, live=live)
                 outcome = await moa._call_agent(call, budget, gate.feed if live else None)
                 steps.append(outcome)
-                produced += outcome.usage.completion_tokens or max(1, len(outcome.output) // 4)
+                produced += outcome.usage.completion_tokens or estimate_text_tokens(outcome.output)
                 if outcome.status == "failed":
                     answer += gate.flush() if live else ""
                     raise AggregatorFailed([finish("failed", outcome.error)])

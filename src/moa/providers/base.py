@@ -20,6 +20,7 @@ __all__ = [
     "ProviderBase",
     "ProviderWrapper",
     "StreamChunk",
+    "estimate_text_tokens",
     "estimate_tokens",
 ]
 
@@ -39,9 +40,10 @@ class ChatRequest:
     seed: int | None = None
     #: Seconds for this attempt; the core also enforces it, this lets the transport give up too.
     timeout: float | None = None
-    #: Which of several identical agents (Self-MoA: one model sampled n times) this call is;
-    #: not sent upstream, but part of a cache key so the n samples stay distinct.
-    sample: int = 0
+    #: Which of several identical agents (Self-MoA: one model sampled n times) this call is
+    #: (the agent's index in its layer); not sent upstream, but part of a cache key so the n
+    #: samples stay distinct.
+    sample_index: int = 0
     #: The last message is a partial assistant answer to extend (staircase streaming), not a
     #: finished turn. Only sent to providers that can continue natively: see moa.continuation.
     continue_final: bool = False
@@ -152,11 +154,17 @@ class ProviderWrapper(ProviderBase):
 _MESSAGE_OVERHEAD = 4
 
 
-def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
-    """A tokenizer-free estimate for HTTP providers: one token per 3 characters, rounded up.
+def estimate_text_tokens(text: str) -> int:
+    """The one tokenizer-free estimate: one token per 3 characters, rounded up.
 
     Real BPE tokenizers average about 4 characters per token on English prose and fewer on
     code or other scripts; dividing by 3 overestimates on purpose, so that a prompt we let
-    through rarely fails upstream (which would cost a round trip and a retry).
+    through rarely fails upstream (which would cost a round trip and a retry), and a budget
+    counted with it errs on the safe side.
     """
-    return sum(len(m["content"]) // 3 + 1 + _MESSAGE_OVERHEAD for m in messages)
+    return len(text) // 3 + 1
+
+
+def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
+    """A prompt's tokens for providers without a tokenizer: its texts plus template markers."""
+    return sum(estimate_text_tokens(m["content"]) + _MESSAGE_OVERHEAD for m in messages)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from moa.env import Environment
 from moa.providers.base import ChatRequest, Completion, Provider, ProviderWrapper, StreamChunk
+from moa.providers.collect import StreamCollector
 from moa.results import TokenLogprob, Usage
 
 __all__ = [
@@ -81,7 +82,7 @@ def cache_key(base_url: str, request: ChatRequest) -> str:
         "max_tokens": request.max_tokens,
         "top_p": _float(request.top_p),
         "seed": request.seed,
-        "sample": request.sample,
+        "sample": request.sample_index,  # the key's name predates the field's: caches stay valid
     }
     # Settings added later enter the key only when set, so keys stored before them still hit.
     for name in ("frequency_penalty", "presence_penalty", "repeat_penalty", "min_p"):
@@ -350,27 +351,15 @@ class CachedProvider(ProviderWrapper):
             yield StreamChunk(text=stored.text, logprobs=stored.logprobs)
             yield StreamChunk(finish_reason=stored.finish_reason or "stop", usage=stored.usage)
             return
-        pieces: list[str] = []
-        finish: str | None = None
-        usage: Usage | None = None
-        tokens: list[TokenLogprob] | None = None
+        collected = StreamCollector()
         async with contextlib.aclosing(self.inner.stream(request)) as chunks:
             async for chunk in chunks:
-                pieces.append(chunk.text)
-                finish = chunk.finish_reason or finish
-                usage = chunk.usage or usage
-                if chunk.logprobs is not None:
-                    tokens = [*(tokens or ()), *chunk.logprobs]
+                collected.add(chunk)
                 yield chunk
         # Reached only when the stream ended normally (an error or an early close skips it):
         # a whole answer, safe to replay.
-        completion = Completion(
-            text="".join(pieces),
-            finish_reason=finish,
-            usage=usage,
-            logprobs=None if tokens is None else tuple(tokens),
-        )
-        if finish is not None and _worth_keeping(completion):
+        completion = collected.completion()
+        if completion.finish_reason is not None and _worth_keeping(completion):
             self.cache.put(key, request.model, completion)
 
 

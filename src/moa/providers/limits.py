@@ -25,6 +25,7 @@ from contextlib import AbstractAsyncContextManager
 from moa.errors import RateLimited
 from moa.providers.base import ChatRequest, Completion, Provider, ProviderWrapper, StreamChunk
 from moa.results import Usage
+from moa.retry import backoff
 
 __all__ = ["GatedProvider", "RateLimitedProvider", "Reservation", "SlowDown", "TokenBucket"]
 
@@ -34,9 +35,6 @@ BURST_S = 1.0
 RECOVERY_S = 10.0
 #: The slowest a provider is ever made (as a fraction of its configured limits).
 MIN_FACTOR = 1 / 16
-#: Pause after a 429 without Retry-After: doubling from the base up to the cap.
-BACKOFF_BASE_S = 1.0
-BACKOFF_CAP_S = 30.0
 #: A request's output tokens are unknown beforehand; without max_tokens, reserve this many.
 DEFAULT_RESERVED_OUTPUT = 512
 
@@ -67,7 +65,7 @@ class SlowDown:
         self._streak += 1
         pause = retry_after
         if pause is None:
-            pause = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self._streak - 1))
+            pause = backoff(self._streak)  # the retry policy's, without its jitter
         self.paused_until = max(self.paused_until, now + pause)
 
     def succeeded(self) -> None:

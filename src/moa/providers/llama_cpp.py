@@ -10,7 +10,6 @@ responsive, and a cancelled call stops generating at the next token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import threading
@@ -28,8 +27,8 @@ from moa.errors import (
     StreamInterrupted,
 )
 from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk
+from moa.providers.collect import collect
 from moa.results import TokenLogprob, Usage
-from moa.runaway import RUNAWAY_FINISH, RunawayGuard
 
 __all__ = ["DEFAULT_N_CTX", "LlamaCppProvider", "default_model_path"]
 
@@ -254,24 +253,9 @@ class LlamaCppProvider:
         return await loop.run_in_executor(self._worker, self._count, messages)
 
     async def complete(self, request: ChatRequest) -> Completion:
-        parts: list[str] = []
-        finish: str | None = None
-        usage: Usage | None = None
-        logprobs: tuple[TokenLogprob, ...] | None = None
-        guard = RunawayGuard()
-        async with contextlib.aclosing(self.stream(request)) as chunks:
-            async for chunk in chunks:
-                parts.append(chunk.text)
-                finish = chunk.finish_reason or finish
-                usage = chunk.usage or usage
-                logprobs = chunk.logprobs if chunk.logprobs is not None else logprobs
-                runaway = guard.feed(chunk.text) if chunk.text else None
-                if runaway is not None:
-                    # Stop generating now rather than spend max_tokens on the loop; leaving the
-                    # stream sets its stop flag, which the worker notices at the next token.
-                    text = "".join(parts)[: runaway.keep]
-                    return Completion(text=text, finish_reason=RUNAWAY_FINISH, usage=usage)
-        return Completion(text="".join(parts), finish_reason=finish, usage=usage, logprobs=logprobs)
+        # A runaway stops generation at once rather than spend max_tokens on the loop: leaving
+        # the stream sets its stop flag, which the worker notices at the next token.
+        return await collect(self.stream(request), stop_runaways=True)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         loop = asyncio.get_running_loop()
