@@ -1,4 +1,5 @@
-"""Shared fixtures: one fake OpenAI-compatible server for the session, reset for every test."""
+"""Shared fixtures: one fake OpenAI-compatible server for the session, reset for every test, and
+pipelines on an in-process scripted provider."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from moa import MoA, parse_config
 from moa.config import ConfigFile
+from moa.providers.base import Provider
 from moa.testing import FakeOpenAIServer
 
 
@@ -34,6 +36,7 @@ def _no_real_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 ConfigMaker = Callable[..., ConfigFile]
+MoAMaker = Callable[..., MoA]
 
 
 @pytest.fixture
@@ -49,7 +52,7 @@ def make_config(fake: FakeOpenAIServer) -> ConfigMaker:
 
 
 @pytest.fixture
-def make_moa(make_config: ConfigMaker) -> Iterator[Callable[..., MoA]]:
+def make_moa(make_config: ConfigMaker) -> Iterator[MoAMaker]:
     opened: list[MoA] = []
 
     def make(**pipeline: Any) -> MoA:
@@ -64,3 +67,11 @@ def make_moa(make_config: ConfigMaker) -> Iterator[Callable[..., MoA]]:
 
 def agents(*models: str, **settings: Any) -> list[dict[str, Any]]:
     return [{"model": m, **settings} for m in models]
+
+
+def scripted_moa(providers: dict[str, Provider], **pipeline: Any) -> MoA:
+    """A pipeline over in-process providers (`moa.testing.ScriptedProvider`): no HTTP. Agents
+    use the first provider unless they name one."""
+    declared = {name: {"base_url": "http://127.0.0.1:9/v1"} for name in providers}  # unused
+    config = parse_config({"providers": declared, **pipeline})
+    return MoA(config.resolve(), providers)

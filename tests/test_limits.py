@@ -18,7 +18,7 @@ from moa.env import Environment
 from moa.errors import ProviderStatusError, RateLimited
 from moa.providers import build_providers
 from moa.providers.base import ChatRequest, Completion, StreamChunk
-from moa.providers.limits import RECOVERY_S, RateLimitedProvider, SlowDown
+from moa.providers.limits import RECOVERY_S, RateLimitedProvider, SlowDown, _Slots
 from moa.providers.openai_compat import OpenAICompatibleProvider
 from moa.retry import backoff
 from moa.testing import FakeOpenAIServer, Reply
@@ -193,5 +193,50 @@ def test_build_providers_wraps_only_limited_providers(fake: FakeOpenAIServer) ->
             assert limited.name == "limited" and limited.max_concurrency == 2
         finally:
             await asyncio.gather(*(p.aclose() for p in providers.values()))
+
+    asyncio.run(go())
+
+
+# --- the concurrency slots' hand-over ------------------------------------------------------------
+
+
+def test_a_slot_handed_to_a_waiter_cancelled_at_that_moment_goes_back() -> None:
+    async def go() -> None:
+        slots = _Slots(lambda: 1)
+        await slots.acquire()
+        waiter = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)  # the waiter is queued
+        slots.release()  # the slot is handed over: the waiter's future is resolved...
+        waiter.cancel()  # ...and the waiter cancelled before it could run
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert slots._in_use == 0  # the handed-over slot was released, not leaked
+        await asyncio.wait_for(slots.acquire(), timeout=5)
+
+    asyncio.run(go())
+
+
+def test_a_waiter_cancelled_in_the_queue_leaves_it_and_others_go_in_order() -> None:
+    async def go() -> None:
+        slots = _Slots(lambda: 1)
+        await slots.acquire()
+        order: list[str] = []
+
+        async def take(name: str) -> None:
+            await slots.acquire()
+            order.append(name)
+            slots.release()
+
+        first = asyncio.create_task(take("first"))
+        gone = asyncio.create_task(take("gone"))
+        last = asyncio.create_task(take("last"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert len(slots._waiters) == 2
+        slots.release()
+        await asyncio.wait_for(asyncio.gather(first, last), timeout=5)
+        assert order == ["first", "last"] and slots._in_use == 0
 
     asyncio.run(go())
