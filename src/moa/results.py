@@ -6,8 +6,10 @@ Every agent call ends as an `AgentResult` with a status, never as a string such 
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 __all__ = [
     "AgentFinished",
@@ -281,167 +283,66 @@ Event = AgentStarted | AgentFinished | AgentTextDelta | TextDelta | Done
 # (the server adds "t", seconds since the run started).
 
 
-def _agent_to_dict(result: AgentResult) -> dict[str, Any]:
-    return {
-        "layer": result.layer,
-        "index": result.index,
-        "provider": result.provider,
-        "model": result.model,
-        "status": result.status,
-        "ok": result.ok,
-        "output": result.output,
-        "error": result.error,
-        "latency_s": result.latency_s,
-        "usage": result.usage.to_dict(),
-        "attempts": result.attempts,
-        "references_trimmed": result.references_trimmed,
-        "hedge": result.hedge,
-        "failure": result.failure,
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Usage):
+        return value.to_dict()
+    if isinstance(value, tuple | list):
+        return [_to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_json(item) for key, item in value.items()}
+    if not dataclasses.is_dataclass(value):
+        return value
+    data = {
+        f.name: _to_json(getattr(value, f.name))
+        for f in dataclasses.fields(value)
+        if f.name != "logprobs"  # scored by the strategies; the scores are in the result
     }
+    if isinstance(value, AgentResult):
+        data["ok"] = value.ok  # derived, for readers: ignored when read back
+    if isinstance(value, RunResult):
+        data["usage"] = value.usage.to_dict()  # derived too
+    return data
 
 
-def _agent_from_dict(data: dict[str, Any]) -> AgentResult:
-    usage = data.get("usage") or {}
-    return AgentResult(
-        layer=data["layer"],
-        index=data["index"],
-        provider=data["provider"],
-        model=data["model"],
-        status=data["status"],
-        output=data.get("output", ""),
-        error=data.get("error"),
-        latency_s=data.get("latency_s", 0.0),
-        usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
-        attempts=data.get("attempts", 1),
-        references_trimmed=data.get("references_trimmed", False),
-        hedge=data.get("hedge"),
-        failure=data.get("failure"),
-    )
-
-
-def _run_to_dict(result: RunResult) -> dict[str, Any]:
-    return {
-        "output": result.output,
-        "ok": result.ok,
-        "error": result.error,
-        "layers": [
-            {
-                "latency_s": layer.latency_s,
-                "agents": [_agent_to_dict(a) for a in layer.agents],
+def _from_json(kind: Any, value: Any) -> Any:
+    """`value` (a JSON form) as the type `kind`, read from the dataclasses' annotations."""
+    origin, args = get_origin(kind), get_args(kind)
+    if value is None or kind is Any:
+        return value
+    if kind is Usage:
+        return Usage(value.get("prompt_tokens", 0), value.get("completion_tokens", 0))
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        hints = get_type_hints(kind)
+        return kind(
+            **{
+                f.name: _from_json(hints[f.name], value[f.name])
+                for f in dataclasses.fields(kind)
+                if f.name in value  # absent: the field's default
             }
-            for layer in result.layers
-        ],
-        "aggregator": _agent_to_dict(result.aggregator),
-        "aggregator_attempts": [_agent_to_dict(a) for a in result.aggregator_attempts],
-        "usage": result.usage.to_dict(),  # derived: ignored when read back
-        "latency_s": result.latency_s,
-        "ttft_s": result.ttft_s,
-        "aggregation": _aggregation_to_dict(result.aggregation),
-    }
-
-
-def _aggregation_to_dict(aggregation: Aggregation) -> dict[str, Any]:
-    return {
-        "strategy": aggregation.strategy,
-        "chosen": aggregation.chosen,
-        "counts": aggregation.counts,
-        "scores": [
-            {
-                "index": s.index,
-                "answer": s.answer,
-                "mean_logprob": s.mean_logprob,
-                "certainty": s.certainty,
-                "agreement": s.agreement,
-                "score": s.score,
-            }
-            for s in aggregation.scores
-        ],
-        "steps": aggregation.steps,
-        "note": aggregation.note,
-    }
-
-
-def _aggregation_from_dict(data: dict[str, Any]) -> Aggregation:
-    return Aggregation(
-        strategy=data.get("strategy", "synthesize"),
-        chosen=data.get("chosen"),
-        counts=data.get("counts"),
-        scores=tuple(CandidateScore(**score) for score in data.get("scores") or ()),
-        steps=data.get("steps"),
-        note=data.get("note"),
-    )
-
-
-def _run_from_dict(data: dict[str, Any]) -> RunResult:
-    return RunResult(
-        output=data["output"],
-        layers=tuple(
-            LayerResult(tuple(_agent_from_dict(a) for a in layer["agents"]), layer["latency_s"])
-            for layer in data["layers"]
-        ),
-        aggregator=_agent_from_dict(data["aggregator"]),
-        aggregator_attempts=tuple(_agent_from_dict(a) for a in data["aggregator_attempts"]),
-        latency_s=data["latency_s"],
-        ttft_s=data.get("ttft_s"),
-        ok=data.get("ok", True),
-        error=data.get("error"),
-        aggregation=_aggregation_from_dict(data.get("aggregation") or {}),
-    )
+        )
+    if origin is tuple:
+        item = args[0] if args[-1] is Ellipsis else Any
+        return tuple(_from_json(item, v) for v in value)
+    if origin in (types.UnionType, Union):
+        return _from_json(next(a for a in args if a is not type(None)), value)
+    return value
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
     """The JSON form of an event: a dict of JSON types with a "type" key."""
-    if isinstance(event, AgentStarted):
-        return {
-            "type": "agent_started",
-            "layer": event.layer,
-            "index": event.index,
-            "provider": event.provider,
-            "model": event.model,
-            "is_aggregator": event.is_aggregator,
-        }
-    if isinstance(event, AgentFinished):
-        return {
-            "type": "agent_finished",
-            "is_aggregator": event.is_aggregator,
-            "result": _agent_to_dict(event.result),
-        }
-    if isinstance(event, AgentTextDelta):
-        return {
-            "type": "agent_text_delta",
-            "layer": event.layer,
-            "index": event.index,
-            "text": event.text,
-        }
-    if isinstance(event, TextDelta):
-        return {"type": "text_delta", "text": event.text}
-    if isinstance(event, Done):
-        return {"type": "done", "result": _run_to_dict(event.result)}
-    raise TypeError(f"not a MoA event: {event!r}")
+    kind = next((name for name, cls in EVENT_TYPES.items() if type(event) is cls), None)
+    if kind is None:
+        raise TypeError(f"not a MoA event: {event!r}")
+    return {"type": kind, **_to_json(event)}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:
     """The event a JSON form describes. Raises ValueError for an unknown "type"."""
     kind = data.get("type")
-    if kind == "agent_started":
-        return AgentStarted(
-            data["layer"],
-            data["index"],
-            data["provider"],
-            data["model"],
-            is_aggregator=data.get("is_aggregator", False),
-        )
-    if kind == "agent_finished":
-        return AgentFinished(
-            _agent_from_dict(data["result"]), is_aggregator=data.get("is_aggregator", False)
-        )
-    if kind == "agent_text_delta":
-        return AgentTextDelta(data["layer"], data["index"], data["text"])
-    if kind == "text_delta":
-        return TextDelta(data["text"])
-    if kind == "done":
-        return Done(_run_from_dict(data["result"]))
-    raise ValueError(f"unknown MoA event type {kind!r}; known: {', '.join(EVENT_TYPES)}")
+    if kind not in EVENT_TYPES:
+        raise ValueError(f"unknown MoA event type {kind!r}; known: {', '.join(EVENT_TYPES)}")
+    event: Event = _from_json(EVENT_TYPES[kind], data)
+    return event
 
 
 #: The "type" of each event's JSON form.
