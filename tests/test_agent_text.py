@@ -10,7 +10,7 @@ import pytest
 from moa import AgentFinished, AgentStarted, AgentTextDelta, Done, MoA, TextDelta
 from moa.results import Event
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import MoAMaker, agents
 from tests.test_cli import moa as moa_cli
 
 QUESTION = "Name three primary colours."
@@ -34,7 +34,7 @@ def _collect(moa: MoA, *, agent_text: bool) -> list[Event]:
 
 
 def test_every_agent_streams_its_text_between_its_start_and_its_finish(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("p1", Reply(text="Red, green and blue, for light."))
     fake.script("p2", Reply(text="Red, yellow and blue, for paint."))
@@ -73,7 +73,7 @@ def test_every_agent_streams_its_text_between_its_start_and_its_finish(
 
 
 def test_without_agent_text_no_agent_deltas_and_proposers_stream_only_for_the_cut_off(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     moa = make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"})
     events = _collect(moa, agent_text=False)
@@ -88,7 +88,7 @@ def test_without_agent_text_no_agent_deltas_and_proposers_stream_only_for_the_cu
 
 
 def test_a_proposer_cut_midway_streams_its_part_then_fails_and_stays_out_of_the_references(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("p1", Reply(text="The primary colours are", cut_after_chunks=2))
     fake.script("p2", Reply(text="Red, yellow and blue."))

@@ -422,7 +422,9 @@ def test_finished_rows_of_another_pipeline_are_never_relabelled(
     out = tmp_path / "a.jsonl"
     assert batch(source, "-o", out, "-c", first, "--format", "alpaca_eval").exit_code == 0
     calls = len(fake.requests)
-    rerun = [source, "-o", out, "-c", second, "--pipeline", "best", "--format", "alpaca_eval"]
+    rerun: list[str | Path] = [
+        *(source, "-o", out, "-c", second, "--pipeline", "best", "--format", "alpaca_eval")
+    ]
     refused = batch(*rerun)
     assert refused.exit_code == 2 and len(fake.requests) == calls
     assert "3 finished rows" in refused.stderr and "--keep-other-pipelines" in refused.stderr

@@ -73,11 +73,15 @@ def test_key_ignores_what_does_not_change_the_answer() -> None:
     assert one == other
 
 
-def test_default_path_honours_xdg_cache_home(tmp_path: Path) -> None:
+def test_default_path_honours_xdg_cache_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = Environment({"XDG_CACHE_HOME": str(tmp_path)})
     assert default_cache_path(env) == tmp_path / "moa" / "calls.sqlite3"
+    # A relative value is ignored (the XDG spec says so): the per-user default, as if unset.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     relative = Environment({"XDG_CACHE_HOME": "relative/dir"})
-    assert default_cache_path(relative).is_absolute()
+    assert default_cache_path(relative) == tmp_path / "home" / ".cache" / "moa" / "calls.sqlite3"
 
 
 # --- the provider -------------------------------------------------------------------------

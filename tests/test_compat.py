@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from moa.server import BackgroundServer
 from moa.testing import FakeOpenAIServer, Reply
@@ -46,7 +47,7 @@ def _quiet_frameworks() -> Iterator[None]:
 
 def chat_model(server: BackgroundServer, **options: Any) -> ChatOpenAI:
     return ChatOpenAI(
-        model="moa", base_url=server.base_url, api_key="unused", max_retries=0, **options
+        model="moa", base_url=server.base_url, api_key=SecretStr("unused"), max_retries=0, **options
     )
 
 
@@ -112,7 +113,7 @@ def test_litellm_completion_and_streaming(server: BackgroundServer, fake: FakeOp
 def test_litellm_raises_its_bad_request_error_for_a_refused_parameter(
     server: BackgroundServer,
 ) -> None:
-    with pytest.raises(litellm.BadRequestError, match="stop"):
+    with pytest.raises(litellm.exceptions.BadRequestError, match="stop"):
         litellm.completion(
             model="openai/moa",
             api_base=server.base_url,

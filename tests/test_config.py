@@ -241,7 +241,9 @@ def test_fuzzed_documents_give_a_config_or_one_clear_error(data: Any) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=80))
-def test_fuzzed_text_files_give_a_config_or_one_clear_error(tmp_path_factory, text: str) -> None:
+def test_fuzzed_text_files_give_a_config_or_one_clear_error(
+    tmp_path_factory: pytest.TempPathFactory, text: str
+) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
     path.write_text(text, encoding="utf-8")
     try:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moa import ConfigError, MoA, load_config, parse_config
-from moa.config import MAX_DEPTH, MAX_NODES
+from moa.config import MAX_DEPTH, MAX_NODES, OpenAIProviderConfig
 from moa.env import Environment
 
 # Values that broke loading or building before, and their neighbours.
@@ -145,7 +145,8 @@ def _build(data: dict[str, Any]) -> None:
     """Load, check the values are sane, then build the providers as a run does (no request)."""
     config = parse_config(data, source="fuzz.yaml")
     _check_sane(config)
-    names = {p.api_key_env for p in config.providers.values() if p.api_key_env}
+    http = [p for p in config.providers.values() if isinstance(p, OpenAIProviderConfig)]
+    names = {p.api_key_env for p in http if p.api_key_env}
     env = Environment({name: "sk-fuzz-0123456789abcdef" for name in names})
     moa = MoA.from_config(config, env=env)
     try:

@@ -9,7 +9,7 @@ import pytest
 
 from moa import AgentFinished, AgentStarted, Done, MoA, TextDelta
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import ConfigMaker, MoAMaker, agents
 
 QUESTION = "What is the boiling point of water at sea level?"
 
@@ -21,7 +21,7 @@ def _layer_of(request_text: str) -> set[str]:
 
 @pytest.mark.parametrize(("n", "layers"), [(1, 2), (3, 2), (3, 3), (6, 3), (2, 4)])
 def test_call_count_is_n_times_layers_minus_one_plus_one(
-    fake: FakeOpenAIServer, make_moa, n: int, layers: int
+    fake: FakeOpenAIServer, make_moa: MoAMaker, n: int, layers: int
 ) -> None:
     moa = make_moa(
         proposers=agents(*(f"p{i}" for i in range(n))), aggregator={"model": "agg"}, layers=layers
@@ -32,7 +32,7 @@ def test_call_count_is_n_times_layers_minus_one_plus_one(
 
 
 def test_each_call_is_shown_exactly_the_previous_layers_answers(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     moa = make_moa(proposers=agents("p1", "p2", "p3"), aggregator={"model": "agg"}, layers=3)
     result = moa.run(QUESTION)
@@ -57,7 +57,7 @@ def test_each_call_is_shown_exactly_the_previous_layers_answers(
 
 
 def test_references_sit_in_the_system_message_by_default_or_the_user_message(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     make_moa(proposers=agents("p1"), aggregator={"model": "agg"}).run(QUESTION)
     (aggregator,) = fake.requests_for("agg")
@@ -73,7 +73,7 @@ def test_references_sit_in_the_system_message_by_default_or_the_user_message(
     assert aggregator.messages[0]["content"].endswith(QUESTION)
 
 
-def test_agents_of_a_layer_run_concurrently(fake: FakeOpenAIServer, make_moa) -> None:
+def test_agents_of_a_layer_run_concurrently(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     fake.respond("*", lambda body, n: Reply(latency=0.3))
     moa = make_moa(proposers=agents("p1", "p2", "p3", "p4"), aggregator={"model": "agg"})
     moa.run(QUESTION)
@@ -82,7 +82,7 @@ def test_agents_of_a_layer_run_concurrently(fake: FakeOpenAIServer, make_moa) ->
     assert max(r.started for r in layer1) < min(r.ended or 0 for r in layer1)
 
 
-def test_per_agent_settings_reach_the_wire(fake: FakeOpenAIServer, make_moa) -> None:
+def test_per_agent_settings_reach_the_wire(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     moa = make_moa(
         proposers=[
             {"model": "p1", "temperature": 0.1, "seed": 7, "top_p": 0.5},
@@ -102,7 +102,7 @@ def test_per_agent_settings_reach_the_wire(fake: FakeOpenAIServer, make_moa) -> 
     assert aggregator.body["max_tokens"] == 99 and aggregator.body["temperature"] == 0.4
 
 
-def test_long_form_runs_heterogeneous_layers(fake: FakeOpenAIServer, make_moa) -> None:
+def test_long_form_runs_heterogeneous_layers(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     moa = make_moa(
         layers=[agents("a", "b"), {"agents": agents("c"), "min_ok": 1}],
         aggregator={"model": "agg"},
@@ -115,7 +115,7 @@ def test_long_form_runs_heterogeneous_layers(fake: FakeOpenAIServer, make_moa) -
     assert result.layers[1].agents[0].model == "c"
 
 
-def test_a_single_layer_is_the_aggregator_alone(fake: FakeOpenAIServer, make_moa) -> None:
+def test_a_single_layer_is_the_aggregator_alone(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     result = make_moa(aggregator={"model": "agg"}, layers=1).run(QUESTION)
     assert [r.model for r in fake.requests] == ["agg"]
     assert fake.requests[0].messages == [{"role": "user", "content": QUESTION}]
@@ -123,7 +123,7 @@ def test_a_single_layer_is_the_aggregator_alone(fake: FakeOpenAIServer, make_moa
 
 
 def test_multi_turn_history_reaches_every_agent_and_references_only_the_last_turn(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     moa = make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"})
     first = moa.run("Name a prime number.")
@@ -144,7 +144,9 @@ def test_multi_turn_history_reaches_every_agent_and_references_only_the_last_tur
     assert first.output not in system
 
 
-def test_stream_yields_agent_events_then_text_then_done(fake: FakeOpenAIServer, make_moa) -> None:
+def test_stream_yields_agent_events_then_text_then_done(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     moa = make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"})
     fake.script("agg", Reply(text="The final answer, streamed in pieces."))
 
@@ -173,7 +175,7 @@ def test_stream_yields_agent_events_then_text_then_done(fake: FakeOpenAIServer, 
     assert result.usage == sum((c.usage for c in result.calls), type(result.usage)())
 
 
-def test_async_api_and_sync_api_agree(fake: FakeOpenAIServer, make_config) -> None:
+def test_async_api_and_sync_api_agree(fake: FakeOpenAIServer, make_config: ConfigMaker) -> None:
     config = make_config(proposers=agents("p1"), aggregator={"model": "agg"})
 
     async def main() -> str:
@@ -186,7 +188,7 @@ def test_async_api_and_sync_api_agree(fake: FakeOpenAIServer, make_config) -> No
         assert moa.run(QUESTION).output == "agg answer 2"  # one loop, reused connections
 
 
-def test_run_inside_an_event_loop_says_to_await_arun(make_moa) -> None:
+def test_run_inside_an_event_loop_says_to_await_arun(make_moa: MoAMaker) -> None:
     moa = make_moa(proposers=agents("p1"), aggregator={"model": "agg"})
 
     async def main() -> None:
@@ -207,7 +209,7 @@ def test_run_inside_an_event_loop_says_to_await_arun(make_moa) -> None:
     ],
 )
 def test_bad_prompts_are_refused_with_a_clear_message(
-    make_moa, prompt: object, message: str
+    make_moa: MoAMaker, prompt: object, message: str
 ) -> None:
     from moa import InvalidRequest
 
@@ -216,7 +218,7 @@ def test_bad_prompts_are_refused_with_a_clear_message(
         moa.run(prompt)  # type: ignore[arg-type]
 
 
-def test_openai_content_parts_are_accepted(fake: FakeOpenAIServer, make_moa) -> None:
+def test_openai_content_parts_are_accepted(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     moa = make_moa(aggregator={"model": "agg"}, layers=1)
     moa.run([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}])
     assert fake.requests[0].messages == [{"role": "user", "content": "Hello"}]

@@ -46,7 +46,7 @@ def record(row_id: str, output: str, row: dict[str, Any], *, ok: bool = True) ->
     }
 
 
-ROWS = {
+ROWS: dict[str, dict[str, Any]] = {
     "q1": {"instruction": "What is 7 + 5?", "answers": ["12"], "category": "arithmetic"},
     "q2": {"instruction": "What is the capital of France?", "answer": "Paris", "category": "geo"},
     "q3": {"instruction": "How many minutes are in 2 hours?", "answers": [120], "category": "u"},

@@ -59,7 +59,7 @@ def _values(kind: Any) -> st.SearchStrategy[Any]:
         return st.tuples(*map(_values, args))
     if origin is dict:
         return st.dictionaries(_values(args[0]), _values(args[1]), max_size=2)
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
         fields = {f.name: _values(hints[f.name]) for f in dataclasses.fields(kind)}
         return st.builds(kind, **fields)

@@ -5,25 +5,28 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from typing import cast
 
 import pytest
 
-from moa import AggregatorFailed, BudgetExceeded, LayerFailed, MoA
+from moa import AggregatorFailed, BudgetExceeded, LayerFailed, MoA, RunResult
 from moa.providers.base import estimate_text_tokens
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import MoAMaker, agents
 
 Q = "Summarise the causes of the French Revolution."
 
 
-def run(moa: MoA, prompt: str = Q):
+def run(moa: MoA, prompt: str = Q) -> RunResult:
     return moa.run(prompt)
 
 
 # --- retries ----------------------------------------------------------------------------------
 
 
-def test_500_500_200_succeeds_on_the_third_attempt(fake: FakeOpenAIServer, make_moa) -> None:
+def test_500_500_200_succeeds_on_the_third_attempt(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     fake.script("p1", Reply(status=500), Reply(status=502))
     result = run(make_moa(proposers=agents("p1"), aggregator={"model": "agg"}))
     (p1,) = result.layers[0].agents
@@ -31,7 +34,7 @@ def test_500_500_200_succeeds_on_the_third_attempt(fake: FakeOpenAIServer, make_
     assert len(fake.requests_for("p1")) == 3
 
 
-def test_429_retry_after_is_honoured(fake: FakeOpenAIServer, make_moa) -> None:
+def test_429_retry_after_is_honoured(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     fake.script("p1", Reply(status=429, headers={"Retry-After": "1"}))
     result = run(make_moa(proposers=agents("p1"), aggregator={"model": "agg"}))
     first, second = fake.requests_for("p1")
@@ -40,7 +43,9 @@ def test_429_retry_after_is_honoured(fake: FakeOpenAIServer, make_moa) -> None:
     assert result.layers[0].agents[0].attempts == 2
 
 
-def test_retry_after_ms_and_http_date_are_understood(fake: FakeOpenAIServer, make_moa) -> None:
+def test_retry_after_ms_and_http_date_are_understood(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     when = email.utils.formatdate(time.time() + 2, usegmt=True)
     fake.script("p1", Reply(status=429, headers={"retry-after-ms": "300"}))
     fake.script("p2", Reply(status=503, headers={"Retry-After": when}))
@@ -52,7 +57,9 @@ def test_retry_after_ms_and_http_date_are_understood(fake: FakeOpenAIServer, mak
     assert 0.5 <= d.started - (c.ended or 0) <= 2.8  # HTTP dates have one-second resolution
 
 
-def test_retry_after_beyond_the_cap_is_not_waited_for(fake: FakeOpenAIServer, make_moa) -> None:
+def test_retry_after_beyond_the_cap_is_not_waited_for(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     fake.script("slow", Reply(status=429, headers={"Retry-After": "3600"}))
     started = time.monotonic()
     result = run(
@@ -66,7 +73,9 @@ def test_retry_after_beyond_the_cap_is_not_waited_for(fake: FakeOpenAIServer, ma
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
-def test_client_errors_are_not_retried(fake: FakeOpenAIServer, make_moa, status: int) -> None:
+def test_client_errors_are_not_retried(
+    fake: FakeOpenAIServer, make_moa: MoAMaker, status: int
+) -> None:
     fake.script("p1", Reply(status=status))
     result = run(make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"}))
     assert len(fake.requests_for("p1")) == 1
@@ -74,7 +83,7 @@ def test_client_errors_are_not_retried(fake: FakeOpenAIServer, make_moa, status:
     assert p1.status == "failed" and f"HTTP {status}" in (p1.error or "")
 
 
-def test_attempts_stop_at_max_attempts(fake: FakeOpenAIServer, make_moa) -> None:
+def test_attempts_stop_at_max_attempts(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     fake.script("p1", *[Reply(status=500)] * 5)
     result = run(
         make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"}, max_attempts=2)
@@ -96,7 +105,7 @@ def test_attempts_stop_at_max_attempts(fake: FakeOpenAIServer, make_moa) -> None
     ids=["html", "invalid-json", "no-choices"],
 )
 def test_a_malformed_200_is_retried_like_a_5xx(
-    fake: FakeOpenAIServer, make_moa, reply: Reply
+    fake: FakeOpenAIServer, make_moa: MoAMaker, reply: Reply
 ) -> None:
     fake.script("p1", reply)
     result = run(make_moa(proposers=agents("p1"), aggregator={"model": "agg"}))
@@ -108,7 +117,7 @@ def test_a_malformed_200_is_retried_like_a_5xx(
 
 
 def test_a_hung_proposer_is_cancelled_at_its_deadline_and_the_layer_goes_on(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("hung", Reply(hang=30))
     moa = make_moa(
@@ -131,7 +140,7 @@ def test_a_hung_proposer_is_cancelled_at_its_deadline_and_the_layer_goes_on(
 
 
 def test_layer_timeout_moves_on_once_min_ok_answers_are_in(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("slow", Reply(hang=30))
     moa = make_moa(
@@ -144,7 +153,9 @@ def test_layer_timeout_moves_on_once_min_ok_answers_are_in(
     assert statuses == ["ok", "ok", "cancelled"]
 
 
-def test_first_token_timeout_applies_to_streamed_calls(fake: FakeOpenAIServer, make_moa) -> None:
+def test_first_token_timeout_applies_to_streamed_calls(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     fake.script("agg", Reply(latency=5))
     moa = make_moa(
         proposers=agents("p1"),
@@ -160,7 +171,7 @@ def test_first_token_timeout_applies_to_streamed_calls(fake: FakeOpenAIServer, m
 
 
 def test_empty_null_and_whitespace_answers_are_never_shown(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("empty", Reply(text=""))
     fake.script("null", Reply(null_content=True))
@@ -173,7 +184,7 @@ def test_empty_null_and_whitespace_answers_are_never_shown(
     assert "None" not in system and "candidate 2" not in system
 
 
-def test_failures_are_not_shown_as_references(fake: FakeOpenAIServer, make_moa) -> None:
+def test_failures_are_not_shown_as_references(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     fake.script("bad", Reply(status=401, body='{"error": {"message": "Invalid key sk-leak"}}'))
     run(make_moa(proposers=agents("bad", "good"), aggregator={"model": "agg"}))
     text = fake.requests_for("agg")[0].text
@@ -181,7 +192,7 @@ def test_failures_are_not_shown_as_references(fake: FakeOpenAIServer, make_moa) 
 
 
 def test_all_proposers_failing_raises_a_typed_error_and_skips_the_aggregator(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("p1", Reply(status=401))
     fake.script("p2", Reply(status=404))
@@ -197,7 +208,7 @@ def test_all_proposers_failing_raises_a_typed_error_and_skips_the_aggregator(
 
 
 def test_min_ok_is_enforced_and_the_layer_stops_once_it_is_out_of_reach(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("p1", Reply(status=400))
     fake.script("p2", Reply(latency=5))
@@ -214,7 +225,9 @@ def test_min_ok_is_enforced_and_the_layer_stops_once_it_is_out_of_reach(
 # --- aggregator ---------------------------------------------------------------------------------
 
 
-def test_aggregator_fallbacks_are_tried_in_order(fake: FakeOpenAIServer, make_moa) -> None:
+def test_aggregator_fallbacks_are_tried_in_order(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     fake.script("agg", Reply(status=400))
     fake.script("fb1", Reply(status=401))
     moa = make_moa(
@@ -228,7 +241,7 @@ def test_aggregator_fallbacks_are_tried_in_order(fake: FakeOpenAIServer, make_mo
 
 
 def test_a_stream_cut_midway_in_the_aggregator_is_an_error_with_the_partial_text(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("agg", Reply(text="The answer is forty-two and here is why", cut_after_chunks=2))
     moa = make_moa(proposers=agents("p1"), aggregator={"model": "agg", "fallbacks": agents("fb")})
@@ -241,7 +254,7 @@ def test_a_stream_cut_midway_in_the_aggregator_is_an_error_with_the_partial_text
 
 
 def test_a_stream_cut_in_a_proposer_fails_that_proposer_only(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     # Nobody is shown a proposer's text here, so a cut is a broken response: retried like a 5xx.
     fake.script("p1", Reply(text="x" * 50, cut_after_chunks=1))
@@ -249,7 +262,9 @@ def test_a_stream_cut_in_a_proposer_fails_that_proposer_only(
     assert result.layers[0].agents[0].attempts == 2 and result.layers[0].agents[0].ok
 
 
-def test_a_stream_that_dies_before_any_text_falls_back(fake: FakeOpenAIServer, make_moa) -> None:
+def test_a_stream_that_dies_before_any_text_falls_back(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     fake.script("agg", Reply(text="never sent", cut_after_chunks=0))
     moa = make_moa(
         proposers=agents("p1"),
@@ -261,7 +276,9 @@ def test_a_stream_that_dies_before_any_text_falls_back(fake: FakeOpenAIServer, m
 # --- context budget -------------------------------------------------------------------------------
 
 
-def test_oversized_references_are_trimmed_fairly_to_fit(fake: FakeOpenAIServer, make_moa) -> None:
+def test_oversized_references_are_trimmed_fairly_to_fit(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     fake.script("long1", Reply(text="A" * 30_000))
     fake.script("long2", Reply(text="B" * 30_000))
     fake.script("short", Reply(text="short and sweet"))
@@ -276,14 +293,14 @@ def test_oversized_references_are_trimmed_fairly_to_fit(fake: FakeOpenAIServer, 
     assert system.count("cut to fit the context window") == 2
     a, b = system.count("A"), system.count("B")
     assert abs(a - b) < 50 and a > 1000  # equal shares, each keeps its head
-    from moa.providers.base import estimate_tokens
+    from moa.providers.base import ChatMessage, estimate_tokens
 
-    assert estimate_tokens(request.messages) + 512 <= 4096
+    assert estimate_tokens(cast(list[ChatMessage], request.messages)) + 512 <= 4096
     assert result.aggregator.references_trimmed
 
 
 def test_a_context_length_400_halves_the_references_and_retries_once(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     overflow = Reply(
         status=400,
@@ -299,7 +316,9 @@ def test_a_context_length_400_halves_the_references_and_retries_once(
     assert result.ok
 
 
-def test_a_second_context_length_400_is_a_clear_error(fake: FakeOpenAIServer, make_moa) -> None:
+def test_a_second_context_length_400_is_a_clear_error(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     overflow = Reply(status=400, body='{"error": {"code": "context_length_exceeded"}}')
     fake.script("agg", overflow, overflow)
     moa = make_moa(proposers=agents("p1"), aggregator={"model": "agg"})
@@ -312,7 +331,7 @@ def test_a_second_context_length_400_is_a_clear_error(fake: FakeOpenAIServer, ma
 
 
 def test_max_total_tokens_stops_the_run_before_a_call_would_exceed_it(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     moa = make_moa(
         proposers=agents("p1", "p2"),
@@ -325,7 +344,9 @@ def test_max_total_tokens_stops_the_run_before_a_call_would_exceed_it(
     assert fake.requests_for("agg") == []
 
 
-def test_usage_counts_every_attempt_including_failed_ones(fake: FakeOpenAIServer, make_moa) -> None:
+def test_usage_counts_every_attempt_including_failed_ones(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     fake.script("p1", Reply(status=500), Reply(text="ok", usage=(7, 1)))
     fake.script("agg", Reply(text="a partial answer that breaks", cut_after_chunks=2))
     moa = make_moa(proposers=agents("p1"), aggregator={"model": "agg"})
@@ -344,7 +365,7 @@ def test_usage_counts_every_attempt_including_failed_ones(fake: FakeOpenAIServer
     assert result.usage == p1.usage + aggregator.usage
 
 
-def test_concurrent_runs_share_nothing(fake: FakeOpenAIServer, make_moa) -> None:
+def test_concurrent_runs_share_nothing(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     moa = make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"})
 
     async def main() -> list[str]:
@@ -359,7 +380,9 @@ def test_concurrent_runs_share_nothing(fake: FakeOpenAIServer, make_moa) -> None
 
 
 @pytest.mark.parametrize("status", [408, 409, 429, 500, 503])
-def test_transient_statuses_are_retried(fake: FakeOpenAIServer, make_moa, status: int) -> None:
+def test_transient_statuses_are_retried(
+    fake: FakeOpenAIServer, make_moa: MoAMaker, status: int
+) -> None:
     fake.script("p1", Reply(status=status))
     result = run(make_moa(proposers=agents("p1"), aggregator={"model": "agg"}))
     assert result.layers[0].agents[0].ok and result.layers[0].agents[0].attempts == 2

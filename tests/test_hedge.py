@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import cast
 
 import pytest
 
 from moa import AgentTextDelta, ConfigError, Done, MoA, Usage, parse_config
-from moa.providers.base import estimate_tokens
+from moa.providers.base import ChatMessage, estimate_tokens
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import MoAMaker, agents
 
 Q = "Why do ships float?"
 
@@ -23,7 +24,7 @@ def _disconnected(request: object) -> bool:
 
 
 def test_a_slow_start_sends_a_hedge_which_wins_and_both_are_counted(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script(
         "p1",
@@ -39,12 +40,12 @@ def test_a_slow_start_sends_a_hedge_which_wins_and_both_are_counted(
     assert primary.body["messages"] == hedge.body["messages"]  # an identical request
     assert _disconnected(primary)  # the loser was cancelled, its connection closed
     # Winner: its reported usage. Loser: its prompt (sent and read), no completion tokens.
-    assert p1.usage == Usage(40 + estimate_tokens(primary.messages), 9)
+    assert p1.usage == Usage(40 + estimate_tokens(cast(list[ChatMessage], primary.messages)), 9)
     assert p1.to_dict()["hedge"] == "hedge"
 
 
 def test_a_primary_that_starts_first_wins_and_the_hedge_is_cancelled(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("p1", Reply(latency=0.6, text="primary answer"), Reply(latency=5, text="hedge"))
     moa = make_moa(proposers=[{"model": "p1", "hedge_after": 0.2}], aggregator={"model": "agg"})
@@ -54,7 +55,9 @@ def test_a_primary_that_starts_first_wins_and_the_hedge_is_cancelled(
     assert _disconnected(hedge)
 
 
-def test_no_hedge_when_the_first_token_comes_in_time(fake: FakeOpenAIServer, make_moa) -> None:
+def test_no_hedge_when_the_first_token_comes_in_time(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     moa = make_moa(proposers=[{"model": "p1", "hedge_after": 2}], aggregator={"model": "agg"})
     (p1,) = moa.run(Q).layers[0].agents
     assert p1.ok and p1.hedge is None and "hedge" not in p1.to_dict()
@@ -62,7 +65,7 @@ def test_no_hedge_when_the_first_token_comes_in_time(fake: FakeOpenAIServer, mak
 
 
 def test_a_primary_failing_while_the_hedge_runs_leaves_the_answer_to_the_hedge(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("p1", Reply(latency=0.5, status=500), Reply(latency=0.6, text="from the hedge"))
     moa = make_moa(

@@ -19,6 +19,7 @@ from moa.env import Environment
 from moa.errors import BudgetExceeded, ProviderStatusError
 from moa.prompts import fence_token
 from moa.testing import FakeOpenAIServer, Reply
+from tests.conftest import MoAMaker
 
 KEY = "sk-hard-8c1f0e5d2b7a4f69a3d1c0b9e8f7a6d5"
 #: A truncated emoji, as JSON escapes it: json.loads makes a lone surrogate of it.
@@ -57,7 +58,7 @@ def one_line(stderr: bytes) -> str:
 # --- 1. text that cannot be encoded -------------------------------------------------------
 
 
-def test_a_lone_surrogate_is_one_clear_error_from_the_library(make_moa) -> None:
+def test_a_lone_surrogate_is_one_clear_error_from_the_library(make_moa: MoAMaker) -> None:
     moa = make_moa(proposers=[{"model": "p"}], aggregator={"model": "agg"})
     with pytest.raises(InvalidRequest, match="lone UTF-16 surrogate U\\+D83D at character 3"):
         moa.run(json.loads(f'"{CUT_EMOJI}"'))
@@ -237,7 +238,7 @@ def test_proposers_failing_together_leave_no_task_exception_never_retrieved(
 
 
 def test_budget_failures_of_siblings_are_all_retrieved_in_process(
-    make_moa, caplog: pytest.LogCaptureFixture
+    make_moa: MoAMaker, caplog: pytest.LogCaptureFixture
 ) -> None:
     moa = make_moa(
         proposers=[{"model": "p1"}, {"model": "p2"}, {"model": "p3"}],
@@ -259,7 +260,7 @@ def test_provider_errors_redact_a_key_clipped_by_someone_else() -> None:
     assert key[:8] not in str(error) and key[:8] not in (error.body or "")
 
 
-def test_moa_keeps_working_after_a_refused_prompt(make_moa) -> None:
+def test_moa_keeps_working_after_a_refused_prompt(make_moa: MoAMaker) -> None:
     moa: MoA = make_moa(proposers=[{"model": "p"}], aggregator={"model": "agg"})
     with pytest.raises(InvalidRequest):
         moa.run("\udcff")

@@ -102,7 +102,7 @@ def test_a_reader_that_stops_early_ends_the_upstream_request(fake: FakeOpenAISer
                     return chunk.text
             return ""
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
             await provider.aclose()
 
     assert asyncio.run(first_piece()) == "x" * 8

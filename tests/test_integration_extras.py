@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_moa_mcp_and_serve_metrics_without_their_extras_say_what_to_install() ->
 
 
 def test_otel_variables_without_the_sdk_warn_and_the_command_still_answers(
-    fake: FakeOpenAIServer, tmp_path
+    fake: FakeOpenAIServer, tmp_path: Path
 ) -> None:
     config = tmp_path / "moa.yaml"
     config.write_text(

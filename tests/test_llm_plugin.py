@@ -4,6 +4,7 @@ plugin installed through its entry point and the fake server upstream."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import llm
@@ -13,9 +14,11 @@ from llm.cli import cli
 
 from moa.testing import FakeOpenAIServer, Reply
 
+LlmRunner = Callable[..., Result]
+
 
 @pytest.fixture
-def run_llm(fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def run_llm(fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LlmRunner:
     config = tmp_path / "moa.yaml"
     config.write_text(
         f"""
@@ -39,7 +42,7 @@ pipelines:
     return run
 
 
-def test_presets_and_config_pipelines_are_models(run_llm) -> None:
+def test_presets_and_config_pipelines_are_models(run_llm: LlmRunner) -> None:
     done = run_llm("models", "list")
     assert done.exit_code == 0, done.output
     for name in ("moa/local", "moa/duo", "moa/solo"):
@@ -47,7 +50,7 @@ def test_presets_and_config_pipelines_are_models(run_llm) -> None:
 
 
 def test_a_prompt_runs_the_pipeline_with_the_aggregator_options(
-    fake: FakeOpenAIServer, run_llm
+    fake: FakeOpenAIServer, run_llm: LlmRunner
 ) -> None:
     fake.script("agg", Reply(text="Four, as 2 + 2 = 4."))
     done = run_llm(
@@ -63,7 +66,7 @@ def test_a_prompt_runs_the_pipeline_with_the_aggregator_options(
         assert proposer.body.get("max_tokens") != 64
 
 
-def test_streaming_hands_over_text_as_it_comes(fake: FakeOpenAIServer, run_llm) -> None:
+def test_streaming_hands_over_text_as_it_comes(fake: FakeOpenAIServer, run_llm: LlmRunner) -> None:
     fake.script("agg", Reply(text="one two three four five six"))
     run_llm("models")  # registration reads MOA_CONFIG
     model = llm.get_model("moa/solo")
@@ -77,7 +80,7 @@ def test_streaming_hands_over_text_as_it_comes(fake: FakeOpenAIServer, run_llm) 
 
 
 def test_conversations_pass_the_history_and_logs_record_usage(
-    fake: FakeOpenAIServer, run_llm
+    fake: FakeOpenAIServer, run_llm: LlmRunner
 ) -> None:
     fake.script("agg", Reply(text="Paris."), Reply(text="About 2.1 million."))
     first = run_llm("-m", "moa/solo", "Capital of France?")
@@ -104,7 +107,7 @@ def test_conversations_pass_the_history_and_logs_record_usage(
 
 
 def test_a_mistyped_option_or_a_failed_run_is_one_error_line(
-    fake: FakeOpenAIServer, run_llm
+    fake: FakeOpenAIServer, run_llm: LlmRunner
 ) -> None:
     done = run_llm("-m", "moa/solo", "-o", "temprature", "1", "hi")
     assert done.exit_code != 0
@@ -117,7 +120,7 @@ def test_a_mistyped_option_or_a_failed_run_is_one_error_line(
 
 
 def test_a_broken_moa_config_is_reported_and_llm_keeps_working(
-    run_llm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run_llm: LlmRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("providers: [oops]\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,42 @@ def test_calls_on_one_model_never_overlap_and_all_finish(local_moa: MoA) -> None
         model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
     )
 
+    def run(coroutine: Any) -> Any:
+        return local_moa._runner.run(coroutine) if local_moa._runner else asyncio.run(coroutine)
+
+    assert isinstance(provider, LlamaCppProvider)
+    run(provider.complete(request))  # the model is loaded
+    llama = provider._llama
+    generate = llama.create_chat_completion
+    lock = threading.Lock()
+    generating = [0]
+    most = [0]
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        # Counts generations in progress, from their start until their last chunk is read.
+        def chunks() -> Any:
+            with lock:
+                generating[0] += 1
+                most[0] = max(most[0], generating[0])
+            try:
+                yield from generate(*args, **kwargs)
+            finally:
+                with lock:
+                    generating[0] -= 1
+
+        return chunks()
+
     async def many() -> list[str]:
         results = await asyncio.gather(*(provider.complete(request) for _ in range(4)))
         return [r.text for r in results]
 
-    texts = local_moa._runner.run(many()) if local_moa._runner else asyncio.run(many())
-    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    llama.create_chat_completion = watched
+    try:
+        texts = run(many())
+    finally:
+        del llama.create_chat_completion  # the class's own method again
+    assert most[0] == 1  # one generation at a time: llama.cpp's context is not shared
+    assert len(texts) == 4  # and every call finished
 
 
 def test_a_cancelled_generation_frees_the_model(local_moa: MoA) -> None:

@@ -45,7 +45,8 @@ def test_the_embedded_model_returns_log_probabilities_for_a_real_generation(
         assert len(token.top) == 3
         assert [lp for _, lp in token.top] == sorted((lp for _, lp in token.top), reverse=True)
         # Greedy decoding picks the most likely token: it heads its own alternatives.
-        assert token.top[0] == (token.token, pytest.approx(token.logprob))
+        assert token.top[0][0] == token.token
+        assert token.top[0][1] == pytest.approx(token.logprob)
         assert math.fsum(math.exp(lp) for _, lp in token.top) <= 1.0 + 1e-6
     # Not asked: none computed.
     assert complete(provider, temperature=0.0).logprobs is None

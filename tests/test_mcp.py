@@ -71,10 +71,10 @@ def test_ask_answers_with_a_summary_and_reports_progress(
     fake: FakeOpenAIServer, config: Path
 ) -> None:
     fake.script("agg", Reply(text="Mercury is closest to the Sun."))
-    progress: list[tuple[float, float | None, str | None]] = []
+    reports: list[tuple[float, float | None, str | None]] = []
 
-    async def on_progress(done: float, total: float | None, message: str | None) -> None:
-        progress.append((done, total, message))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, total, message))
 
     async def main() -> None:
         async with connect("--config", str(config)) as session:
@@ -97,8 +97,8 @@ def test_ask_answers_with_a_summary_and_reports_progress(
             ]
 
     asyncio.run(main())
-    assert [(done, total) for done, total, _ in progress] == [(1, 3), (2, 3), (3, 3)]
-    assert progress[0][2] is not None and progress[0][2].startswith("layer 1: fake/p1 ok")
+    assert [(done, total) for done, total, _ in reports] == [(1, 3), (2, 3), (3, 3)]
+    assert reports[0][2] is not None and reports[0][2].startswith("layer 1: fake/p1 ok")
 
 
 def test_a_failed_run_or_unknown_pipeline_is_a_tool_error(

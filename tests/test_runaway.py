@@ -10,7 +10,7 @@ import pytest
 from moa import TextDelta
 from moa.runaway import RunawayGuard, find_runaway
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import MoAMaker, agents
 
 LOOP = (
     "This is not just a simple answer, but a multi-answer that can be combined to create a "
@@ -78,7 +78,7 @@ def test_the_streaming_guard_notices_a_loop_soon_after_it_begins() -> None:
 
 
 def test_a_looping_proposer_is_cut_and_marked_truncated_before_the_next_layer(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("p1", Reply(text=OPENING + LOOP * 8))
     moa = make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"})
@@ -91,7 +91,9 @@ def test_a_looping_proposer_is_cut_and_marked_truncated_before_the_next_layer(
     assert aggregator.text.count(LOOP.strip()) == 1
 
 
-def test_a_looping_streamed_answer_is_stopped_early(fake: FakeOpenAIServer, make_moa) -> None:
+def test_a_looping_streamed_answer_is_stopped_early(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     fake.script("agg", Reply(text=OPENING + LOOP * 60, chunk_delay=0.005))
     moa = make_moa(proposers=agents("p1"), aggregator={"model": "agg"})
 

@@ -12,13 +12,13 @@ from moa.errors import ConfigError
 from moa.providers.base import ChatRequest
 from moa.providers.cache import cache_key
 from moa.testing import FakeOpenAIServer
-from tests.conftest import agents
+from tests.conftest import MoAMaker, agents
 
 QUESTION = "Name a prime number."
 
 
 def test_sampling_settings_reach_the_request_top_level_and_per_agent(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     moa = make_moa(
         proposers=[
@@ -47,7 +47,7 @@ def test_sampling_settings_reach_the_request_top_level_and_per_agent(
             assert key not in request.body
 
 
-def test_unset_sampling_settings_are_not_sent(fake: FakeOpenAIServer, make_moa) -> None:
+def test_unset_sampling_settings_are_not_sent(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     make_moa(proposers=agents("p1"), aggregator={"model": "agg"}).run(QUESTION)
     for request in fake.requests:
         assert not {"frequency_penalty", "presence_penalty", "stop"} & set(request.body)
@@ -153,7 +153,7 @@ def test_samples_on_the_aggregator_is_refused() -> None:
         )
 
 
-def test_expanded_samples_are_distinct_calls(fake: FakeOpenAIServer, make_moa) -> None:
+def test_expanded_samples_are_distinct_calls(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     moa = make_moa(proposers=[{"model": "m", "samples": 3, "seed": 1}], aggregator={"model": "a"})
     result = moa.run(QUESTION)
     seeds = sorted(r.body["seed"] for r in fake.requests_for("m"))

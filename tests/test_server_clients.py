@@ -87,7 +87,7 @@ def test_responses_take_a_conversation_of_messages_and_parts(
         input=[
             {"role": "developer", "content": "Answer in French."},
             {"role": "user", "content": "Hello"},
-            {
+            {  # type: ignore[misc, list-item]  # an output item sent back: valid, but not typed so
                 "type": "message",
                 "role": "assistant",
                 "content": [{"type": "output_text", "text": "Bonjour", "annotations": []}],

@@ -191,7 +191,7 @@ def test_redirect_fields_in_any_spelling_are_400(
 
 
 def test_openai_request_fields_are_not_mistaken_for_redirects(shared: BackgroundServer) -> None:
-    fields = {
+    fields: dict[str, Any] = {
         "user": "u1",
         "metadata": {"purpose": "test"},
         "prompt_cache_key": "k1",

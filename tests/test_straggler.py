@@ -9,13 +9,13 @@ import pytest
 from moa import ConfigError, parse_config
 from moa.straggler import Cutoff, StragglerWatch
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import MoAMaker, agents
 
 Q = "List three uses of copper."
 
 
 def test_a_hung_proposer_is_cut_off_soon_after_the_others_with_its_own_status(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.script("hung", Reply(hang=60))
     # The case from the issue: with timeout 3 s and 4 attempts it used to cost over 15 s.
@@ -40,7 +40,7 @@ def test_a_hung_proposer_is_cut_off_soon_after_the_others_with_its_own_status(
     assert "hung" not in fake.requests_for("agg")[0].text
 
 
-def test_normal_spread_cuts_no_one(fake: FakeOpenAIServer, make_moa) -> None:
+def test_normal_spread_cuts_no_one(fake: FakeOpenAIServer, make_moa: MoAMaker) -> None:
     for model, latency in (("p1", 0.05), ("p2", 0.2), ("p3", 0.4), ("p4", 0.9)):
         fake.script(model, Reply(latency=latency))
     moa = make_moa(proposers=agents("p1", "p2", "p3", "p4"), aggregator={"model": "agg"})
@@ -49,7 +49,7 @@ def test_normal_spread_cuts_no_one(fake: FakeOpenAIServer, make_moa) -> None:
 
 
 def test_wait_all_waits_for_the_slow_agent_and_a_layer_may_say_so_alone(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     def slow_run(**pipeline: object) -> list[str]:
         fake.reset()
@@ -110,7 +110,7 @@ def test_silence_is_judged_by_time_to_first_token_and_writing_by_answer_time() -
 
 
 def test_a_silent_proposer_is_cut_when_enough_answers_are_in_while_a_slow_writer_finishes(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     # The fake server sends 8 characters a chunk, here one chunk every 0.1 s.
     fake.script("p1", Reply(text=" ".join(["copper"] * 6), chunk_delay=0.1))  # about 0.5 s

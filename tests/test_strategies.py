@@ -22,7 +22,7 @@ from moa.strategies import (
     window_chunks,
 )
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import ConfigMaker, MoAMaker, agents
 
 QUESTION = "What is 17 + 25?"
 
@@ -93,7 +93,7 @@ def test_vote_over_answers_with_nothing_to_extract_takes_the_earliest() -> None:
 
 
 def test_vote_runs_no_model_call_and_streams_the_chosen_text(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     for model, text in (("p1", "The sum is 41."), ("p2", "17 + 25 = 42"), ("p3", "Answer: 42")):
         fake.script(model, Reply(text=text))
@@ -138,7 +138,9 @@ def _three_candidates(fake: FakeOpenAIServer) -> None:
     fake.script("p3", Reply(text="Surely 42"))
 
 
-def test_select_returns_the_named_candidate_verbatim(fake: FakeOpenAIServer, make_moa) -> None:
+def test_select_returns_the_named_candidate_verbatim(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     _three_candidates(fake)
     fake.script("agg", Reply(text="Candidate 3"))
     moa = make_moa(
@@ -160,7 +162,7 @@ def test_select_returns_the_named_candidate_verbatim(fake: FakeOpenAIServer, mak
 
 @pytest.mark.parametrize("reply", ["7", "I would rather write my own answer: 17+25 is 42."])
 def test_select_with_an_out_of_range_or_garbage_reply_falls_back_to_vote(
-    fake: FakeOpenAIServer, make_moa, reply: str
+    fake: FakeOpenAIServer, make_moa: MoAMaker, reply: str
 ) -> None:
     _three_candidates(fake)
     fake.script("agg", Reply(text=reply))
@@ -175,7 +177,9 @@ def test_select_with_an_out_of_range_or_garbage_reply_falls_back_to_vote(
     assert "names no candidate" in aggregation["note"] and "vote" in aggregation["note"]
 
 
-def test_select_whose_call_fails_falls_back_to_vote(fake: FakeOpenAIServer, make_moa) -> None:
+def test_select_whose_call_fails_falls_back_to_vote(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     _three_candidates(fake)
     fake.script("agg", Reply(status=500))
     moa = make_moa(
@@ -206,7 +210,7 @@ def test_window_chunks(count: int, window: int, chunks: list[list[int]]) -> None
 
 
 def test_window_synthesizes_n_references_at_a_time_carrying_the_running_answer(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     fake.respond("agg", lambda body, n: Reply(text=f"running {n}"))
     moa = make_moa(
@@ -230,7 +234,7 @@ def test_window_synthesizes_n_references_at_a_time_carrying_the_running_answer(
 
 
 def test_a_window_as_large_as_the_layer_is_one_ordinary_call(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     moa = make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg", "window": 4})
     result = moa.run(QUESTION)
@@ -238,7 +242,9 @@ def test_a_window_as_large_as_the_layer_is_one_ordinary_call(
     assert result.aggregation.steps == 1
 
 
-def test_default_strategy_is_recorded_as_synthesize(fake: FakeOpenAIServer, make_moa) -> None:
+def test_default_strategy_is_recorded_as_synthesize(
+    fake: FakeOpenAIServer, make_moa: MoAMaker
+) -> None:
     result = make_moa(proposers=agents("p1"), aggregator={"model": "agg"}).run(QUESTION)
     assert result.to_dict()["aggregation"] == {"strategy": "synthesize"}
 
@@ -253,7 +259,7 @@ def by_sample(fake: FakeOpenAIServer, *replies: Reply) -> None:
 
 
 def test_confidence_picks_the_candidate_its_model_was_surest_of(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     by_sample(
         fake,
@@ -281,7 +287,7 @@ def test_confidence_picks_the_candidate_its_model_was_surest_of(
 
 
 def test_confidence_measure_certainty_and_agreement_weight_change_the_choice(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     by_sample(
         fake,
@@ -303,7 +309,7 @@ def test_confidence_measure_certainty_and_agreement_weight_change_the_choice(
 
 
 def test_confidence_falls_back_to_agreement_when_the_provider_returns_no_logprobs(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     # No scripted logprob: the fake answers "logprobs": null, as a server without them would.
     fake.script("m", Reply(text="It is 41."))
@@ -322,7 +328,7 @@ def test_confidence_falls_back_to_agreement_when_the_provider_returns_no_logprob
 
 
 def test_confidence_asks_again_without_logprobs_when_a_server_refuses_them(
-    fake: FakeOpenAIServer, make_moa
+    fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     def refuse(body: dict[str, Any], n: int) -> Reply:
         if body.get("logprobs"):
@@ -432,7 +438,7 @@ def test_certainty_and_agreement_measures() -> None:
     even = TokenLogprob("a", -0.693, (("a", -0.693), ("b", -0.693)))
     peaked = TokenLogprob("a", -0.01, (("a", -0.01), ("b", -4.6)))
     assert certainty([even]) == pytest.approx(0.0, abs=1e-9)
-    assert certainty([peaked]) > 1.0
+    assert (certainty([peaked]) or 0.0) > 1.0
     assert certainty([TokenLogprob("a", -0.1)]) is None
     # F1: "the sum is 42"–"sum 42" 2/3, "the sum is 42"–"it is 41" 2/7, "sum 42"–"it is 41" 0.
     assert agreement(["the sum is 42", "sum 42", "it is 41"]) == pytest.approx(
@@ -456,7 +462,7 @@ def test_certainty_and_agreement_measures() -> None:
     ],
 )
 def test_bad_strategy_settings_are_one_clear_config_error(
-    make_config, aggregator: dict[str, Any], fragment: str
+    make_config: ConfigMaker, aggregator: dict[str, Any], fragment: str
 ) -> None:
     from moa.errors import ConfigError
 
@@ -465,7 +471,7 @@ def test_bad_strategy_settings_are_one_clear_config_error(
     assert "\n" not in str(caught.value)
 
 
-def test_a_choosing_strategy_needs_proposers(make_config) -> None:
+def test_a_choosing_strategy_needs_proposers(make_config: ConfigMaker) -> None:
     from moa.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs proposers"):
@@ -528,7 +534,9 @@ def test_the_strategy_reaches_ask_json_and_batch_records(
     assert record["runs"][0]["aggregation"]["chosen"] == 0
 
 
-def test_the_strategy_reaches_the_servers_moa_object(fake: FakeOpenAIServer, make_config) -> None:
+def test_the_strategy_reaches_the_servers_moa_object(
+    fake: FakeOpenAIServer, make_config: ConfigMaker
+) -> None:
     import openai
 
     from moa.engine import open_pipelines

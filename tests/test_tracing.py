@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -17,7 +18,7 @@ from opentelemetry.trace import StatusCode
 
 from moa import LayerFailed, tracing
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import ConfigMaker, MoAMaker, agents
 
 QUESTION = "Name a prime number between 10 and 20, secret-question-text."
 _EXPORTER = InMemorySpanExporter()
@@ -54,7 +55,10 @@ def _by_name(finished: tuple[ReadableSpan, ...]) -> dict[str, list[ReadableSpan]
 
 
 def test_a_two_layer_run_with_a_failing_proposer_gives_the_span_tree(
-    fake: FakeOpenAIServer, make_moa, spans: InMemorySpanExporter, monkeypatch
+    fake: FakeOpenAIServer,
+    make_moa: MoAMaker,
+    spans: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FAKE_API_KEY", "sk-secret-key-never-in-spans")
     fake.script("bad", *[Reply(status=500)] * 4)
@@ -127,7 +131,7 @@ def test_a_two_layer_run_with_a_failing_proposer_gives_the_span_tree(
 
 
 def test_prompt_and_answer_are_recorded_only_when_asked(
-    fake: FakeOpenAIServer, make_moa, spans: InMemorySpanExporter
+    fake: FakeOpenAIServer, make_moa: MoAMaker, spans: InMemorySpanExporter
 ) -> None:
     tracing.capture_content(True)
     moa = make_moa(proposers=agents("p1"), aggregator={"model": "agg"}, layers=2)
@@ -141,7 +145,7 @@ def test_prompt_and_answer_are_recorded_only_when_asked(
 
 
 def test_a_failed_layer_marks_the_layer_and_run_spans_as_errors(
-    fake: FakeOpenAIServer, make_moa, spans: InMemorySpanExporter
+    fake: FakeOpenAIServer, make_moa: MoAMaker, spans: InMemorySpanExporter
 ) -> None:
     fake.script("p1", Reply(status=400))
     moa = make_moa(proposers=agents("p1"), aggregator={"model": "agg"}, layers=2)
@@ -157,7 +161,7 @@ def test_a_failed_layer_marks_the_layer_and_run_spans_as_errors(
 
 
 def test_agents_cut_at_a_layer_deadline_are_events_and_cancelled_spans(
-    fake: FakeOpenAIServer, make_moa, spans: InMemorySpanExporter
+    fake: FakeOpenAIServer, make_moa: MoAMaker, spans: InMemorySpanExporter
 ) -> None:
     fake.script("slow", Reply(hang=30))
     moa = make_moa(proposers=agents("fast", "slow"), aggregator={"model": "agg"}, layer_timeout=0.5)
@@ -171,7 +175,7 @@ def test_agents_cut_at_a_layer_deadline_are_events_and_cancelled_spans(
 
 
 def test_stragglers_cut_off_and_hedged_requests_are_span_events(
-    fake: FakeOpenAIServer, make_moa, spans: InMemorySpanExporter
+    fake: FakeOpenAIServer, make_moa: MoAMaker, spans: InMemorySpanExporter
 ) -> None:
     fake.script("hung", Reply(hang=60))
     fake.script("p1", Reply(latency=2.0, text="slow start"), Reply(text="hedge answer"))
@@ -212,7 +216,7 @@ def test_without_opentelemetry_the_engine_imports_none_of_it(fake: FakeOpenAISer
 
 
 def test_moa_serve_continues_the_callers_trace(
-    fake: FakeOpenAIServer, make_config, spans: InMemorySpanExporter
+    fake: FakeOpenAIServer, make_config: ConfigMaker, spans: InMemorySpanExporter
 ) -> None:
     import openai
 
@@ -241,7 +245,9 @@ def test_moa_serve_continues_the_callers_trace(
     assert len(named["chat p1"]) == len(named["chat agg"]) == 1
 
 
-def test_the_cli_exports_spans_as_otel_variables_say(fake: FakeOpenAIServer, tmp_path) -> None:
+def test_the_cli_exports_spans_as_otel_variables_say(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
     config = tmp_path / "moa.yaml"
     config.write_text(
         f"providers: {{fake: {{base_url: '{fake.base_url}'}}}}\n"
@@ -271,7 +277,9 @@ def test_the_cli_exports_spans_as_otel_variables_say(fake: FakeOpenAIServer, tmp
     ]
 
 
-def test_the_cli_exports_over_otlp_to_the_endpoint_named(fake: FakeOpenAIServer, tmp_path) -> None:
+def test_the_cli_exports_over_otlp_to_the_endpoint_named(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
     import http.server
     import threading
 
