@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from moa._secrets import looks_like_key, register_secret
+from moa._validation import first_problem
 from moa.continuation import StepSchedule
 from moa.errors import ConfigError
 from moa.straggler import DEFAULT_CUTOFF, Cutoff
@@ -819,25 +820,18 @@ def _aggregation(config: AggregatorConfig) -> AggregationSettings:
 def _describe(error: ValidationError, inline: str | None = None) -> str:
     """The first problem as one line. `inline`: the name given to a single-pipeline file's
     pipeline, left out of locations so they read as the file was written. A misspelt key
-    comes first: it often explains the others (`aggregater` leaves `aggregator` missing)."""
-    first = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    loc = first["loc"]
+    comes first (see `moa._validation`)."""
+    problem = first_problem(error)
+    loc = problem.location
     if inline is not None and loc[:2] == ("pipelines", inline):
         loc = loc[2:]
-    location = ".".join(str(part) for part in loc if not _is_union_tag(part))
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
+    location = ".".join(str(part) for part in loc)
+    message = problem.message
+    if problem.kind == "extra_forbidden":
         message = "unknown key (check its spelling against the config reference in the README)"
-    elif message.startswith("Value error, "):
-        message = message.removeprefix("Value error, ")
-    more = len(error.errors()) - 1
+    more = problem.more
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{location}: {message}{suffix}" if location else f"{message}{suffix}"
-
-
-def _is_union_tag(part: int | str) -> bool:
-    # pydantic names the union member it tried ("list[AgentConfig]", "int", ...) in `loc`.
-    return isinstance(part, str) and ("[" in part or part in ("int", "LayerConfig"))
 
 
 def parse_config(

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from moa._text import find_unencodable
+from moa._validation import first_problem
 from moa.providers.base import ChatMessage
 from moa.server.errors import ApiError
 from moa.server.guards import REDIRECT_FIELDS, redirect_field
@@ -148,32 +149,27 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
 
 
 def schema_error(error: ValidationError) -> ApiError:
-    first = error.errors()[0]
-    param = _param(first["loc"])
-    if first["type"] == "missing":
+    problem = first_problem(error)
+    param = _param(problem.location)
+    if problem.kind == "missing":
         return _bad(f"{param}: this field is required", param, code="missing_required_parameter")
-    value = first.get("input")
+    value = problem.value
     shown = ""
     if isinstance(value, str | int | float | bool) or value is None:
         text = json.dumps(value)
         shown = f" (got {text if len(text) <= 40 else text[:40] + '…'})"
-    return _bad(f"{param}: {first['msg']}{shown}", param)
+    return _bad(f"{param}: {problem.message}{shown}", param)
 
 
 def _param(location: tuple[int | str, ...]) -> str:
-    """("messages", 0, "content") -> "messages[0].content"; union member names are dropped."""
+    """("messages", 0, "content") -> "messages[0].content"."""
     text = ""
     for part in location:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in _UNION_TAGS or "[" in part:
-            continue
         else:
             text += f".{part}" if text else part
     return text
-
-
-_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "StreamOptions"})
 
 
 def _bad(message: str, param: str | None = None, *, code: str = "invalid_value") -> ApiError:
