@@ -17,6 +17,7 @@ from moa.errors import InputFileError
 __all__ = [
     "alpaca_prompt",
     "nothing_usable",
+    "read_objects",
     "read_records",
     "read_usable",
     "record_id",
@@ -60,6 +61,17 @@ def read_records(path: Path, expected: str) -> list[tuple[str, Any]]:
                 "(one JSON object per line) or one JSON list"
             ) from None
     return records
+
+
+def read_objects(path: Path, expected: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The records of a file whose every record must be a JSON object, each with where it is
+    ("FILE line N"); anything else is an InputFileError."""
+    objects: list[tuple[str, Mapping[str, Any]]] = []
+    for line, record in read_records(path, expected):
+        if not isinstance(record, Mapping):
+            raise InputFileError(f"{path} {line}: not a JSON object; {expected}")
+        objects.append((f"{path} {line}", record))
+    return objects
 
 
 def nothing_usable(path: Path, what: str, skipped: Mapping[str, int], hint: str) -> InputFileError:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa._files import nothing_usable, read_records, record_id, system_name
+from moa._files import nothing_usable, read_objects, read_records, record_id, system_name
 from moa.errors import InputFileError
 from moa.evaluation.scoring import MatchMode, is_correct
 
@@ -226,10 +226,7 @@ def _row_id(record: Mapping[str, Any], position: int) -> str | None:
 def load_references(path: Path) -> dict[str, Reference]:
     """Reference answers by row id from a batch input file."""
     references: dict[str, Reference] = {}
-    for position, (line, record) in enumerate(read_records(path, _ROWS_FORMAT)):
-        where = f"{path} {line}"
-        if not isinstance(record, Mapping):
-            raise InputFileError(f"{where}: not a JSON object; {_ROWS_FORMAT}")
+    for position, (where, record) in enumerate(read_objects(path, _ROWS_FORMAT)):
         row_id = _row_id(record, position)
         if row_id is None:
             raise InputFileError(f"{where}: `id` must be a string or an integer")

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa._files import nothing_usable, read_records, record_id, system_name
+from moa._files import (
+    alpaca_prompt,
+    nothing_usable,
+    read_objects,
+    read_records,
+    record_id,
+    system_name,
+)
 from moa.errors import InputFileError
 from moa.evaluation.judges import Judge, block, visible_text
 from moa.prompts import fence_token
@@ -200,13 +207,10 @@ def _first(record: Mapping[str, Any], *keys: str) -> Any:
 def load_flask_items(path: Path) -> dict[str, FlaskItem]:
     """FLASK rows by id, in file order. A malformed row is an error, not a silent gap."""
     items: dict[str, FlaskItem] = {}
-    for line, record in read_records(path, _ITEM_FORMAT):
-        where = f"{path} {line}"
-        if not isinstance(record, Mapping):
-            raise InputFileError(f"{where}: not a JSON object; {_ITEM_FORMAT}")
+    for where, record in read_objects(path, _ITEM_FORMAT):
         item_id = record_id(_first(record, "question_id", "idx", "id"))
-        instruction = _first(record, "instruction", "text")
-        if item_id is None or not isinstance(instruction, str) or not instruction.strip():
+        instruction = alpaca_prompt(record, "instruction" if "instruction" in record else "text")
+        if item_id is None or instruction is None:
             raise InputFileError(
                 f"{where}: needs an id and a non-empty instruction; {_ITEM_FORMAT}"
             )
@@ -219,9 +223,6 @@ def load_flask_items(path: Path) -> dict[str, FlaskItem]:
             what = f"unknown skill {unknown[0]!r}" if unknown else "no skills"
             raise InputFileError(f"{where}: {what}; skills must be among: {', '.join(SKILLS)}")
         reference = record.get("answer")
-        input_text = record.get("input")
-        if isinstance(input_text, str) and input_text.strip() and "instruction" in record:
-            instruction = f"{instruction}\n\n{input_text}"
         difficulty = _labels(_first(record, "difficulty_labeled", "difficulty"))
         items[item_id] = FlaskItem(
             id=item_id,

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moa._files import alpaca_prompt, read_records, read_usable, record_id, system_name
+from moa._files import (
+    alpaca_prompt,
+    read_objects,
+    read_usable,
+    record_id,
+    system_name,
+)
 from moa.engine import normalize_messages
 from moa.errors import InputFileError, InvalidRequest
 from moa.evaluation.mt_bench import ModelAnswer, Question
@@ -231,10 +237,7 @@ def load_questions(path: Path) -> dict[str, Question]:
     """Questions by id, in file order. A malformed question is an error: without it the
     benchmark would silently shrink."""
     questions: dict[str, Question] = {}
-    for line, record in read_records(path, _QUESTION_FORMAT):
-        where = f"{path} {line}"
-        if not isinstance(record, Mapping):
-            raise InputFileError(f"{where}: not a JSON object; {_QUESTION_FORMAT}")
+    for where, record in read_objects(path, _QUESTION_FORMAT):
         qid = record_id(record.get("question_id"))
         turns = _strings(record.get("turns"))
         if qid is None or turns is None:
