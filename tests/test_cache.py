@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import cast
 
 import pytest
 
@@ -31,11 +30,6 @@ from tests.conftest import ConfigMaker, agents
 def cache(tmp_path: Path) -> Iterator[CallCache]:
     with CallCache(tmp_path / "calls.sqlite3") as opened:
         yield opened
-
-
-def _generator(chunks: AsyncIterator[StreamChunk]) -> AsyncGenerator[StreamChunk, None]:
-    """Our providers' streams are async generators; the protocol only promises an iterator."""
-    return cast(AsyncGenerator[StreamChunk, None], chunks)
 
 
 def _request(text: str = "hello", **settings: object) -> ChatRequest:
@@ -166,7 +160,7 @@ def test_a_stream_closed_early_is_not_stored(fake: FakeOpenAIServer, cache: Call
         try:
             fake.script("m1", Reply(text="x" * 200, chunk_delay=0.01))
             provider = CachedProvider(upstream, cache, base_url=fake.base_url)
-            async with contextlib.aclosing(_generator(provider.stream(_request()))) as chunks:
+            async with contextlib.aclosing(provider.stream(_request())) as chunks:
                 async for chunk in chunks:
                     if chunk.text:
                         break

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -17,16 +17,19 @@ from moa.config import OpenAIProviderConfig
 from moa.env import Environment
 from moa.errors import ProviderStatusError, RateLimited
 from moa.providers import build_providers
-from moa.providers.base import ChatRequest, Completion, StreamChunk
-from moa.providers.limits import RECOVERY_S, RateLimitedProvider, SlowDown, _Slots
+from moa.providers.base import ChatRequest, Completion
+from moa.providers.limits import (
+    RECOVERY_S,
+    LimitGate,
+    Limits,
+    RateLimitedProvider,
+    SlowDown,
+    _Slots,
+    outcome,
+)
 from moa.providers.openai_compat import OpenAICompatibleProvider
 from moa.retry import backoff
 from moa.testing import FakeOpenAIServer, Reply
-
-
-def _generator(chunks: AsyncIterator[StreamChunk]) -> AsyncGenerator[StreamChunk, None]:
-    """Our providers' streams are async generators; the protocol only promises an iterator."""
-    return cast(AsyncGenerator[StreamChunk, None], chunks)
 
 
 def _request(n: int = 0, **settings: Any) -> ChatRequest:
@@ -68,7 +71,7 @@ def test_streams_hold_their_slot_until_they_end_or_are_closed(fake: FakeOpenAISe
 
     async def test(provider: RateLimitedProvider) -> None:
         async def read(n: int, whole: bool) -> None:
-            async with contextlib.aclosing(_generator(provider.stream(_request(n)))) as chunks:
+            async with contextlib.aclosing(provider.stream(_request(n))) as chunks:
                 async for chunk in chunks:
                     if chunk.text and not whole:
                         break  # closed early: the slot must come back
@@ -240,3 +243,26 @@ def test_a_waiter_cancelled_in_the_queue_leaves_it_and_others_go_in_order() -> N
         assert order == ["first", "last"] and slots._in_use == 0
 
     asyncio.run(go())
+
+
+def test_a_gate_ends_a_run_of_429s_only_on_success() -> None:
+    """Local and shared limits share one gate: a call that failed otherwise (a 500, a dead
+    batch worker) neither slows the provider down nor resets the backoff of a run of 429s."""
+
+    async def go() -> list[float]:
+        now = [100.0]
+        gate = LimitGate(Limits(max_concurrency=1), clock=lambda: now[0])
+        pauses: list[float] = []
+        for ending in (True, None, True, False, True):
+            await gate.admit(0)
+            gate.finish(0, None, None, ending)
+            if ending:
+                pauses.append(gate.slow_down.paused_until - now[0])
+                now[0] = gate.slow_down.paused_until
+        return pauses
+
+    first, after_a_failure, after_a_success = asyncio.run(go())
+    assert after_a_failure == 2 * first and after_a_success == first
+    assert outcome(RateLimited("429", retry_after=3)) == (3, True)
+    assert outcome(RuntimeError("500")) == (None, None)
+    assert outcome(None) == (None, False)

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from typing import Literal
 
 from moa import tracing
 from moa.budget import RunBudget
 from moa.calls import AgentCall, call_agent
 from moa.providers.base import (
-    ChatMessage,
     ChatRequest,
     Completion,
     Provider,
+    ProviderWrapper,
     StreamChunk,
     estimate_text_tokens,
 )
@@ -38,14 +38,15 @@ Side = Literal["primary", "hedge"]
 _END = object()
 
 
-class HedgedProvider:
-    """A provider that races a second identical request against a slow first one.
+class HedgedProvider(ProviderWrapper):
+    """A provider that races a second identical request against a slow first one (token
+    counts and the context window are the primary's).
 
     One instance serves one agent call (its attempts included) and remembers how the last
     attempt went: `winner` is None when no hedge was needed."""
 
     def __init__(self, primary: Provider, backup: Provider, after: float) -> None:
-        self.name = primary.name
+        super().__init__(primary)
         self.primary = primary
         self.backup = backup
         self.after = after
@@ -128,12 +129,6 @@ class HedgedProvider:
     async def _prompt_tokens(self, side: Side, request: ChatRequest) -> int:
         provider = self.primary if side == "primary" else self.backup
         return await provider.count_tokens(request.model, request.messages)
-
-    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
-        return await self.primary.count_tokens(model, messages)
-
-    def context_window(self, model: str) -> int | None:
-        return self.primary.context_window(model)
 
     async def aclose(self) -> None:
         """Nothing of its own: the providers it races belong to the pipeline."""

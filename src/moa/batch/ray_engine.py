@@ -58,7 +58,7 @@ class GateActor:
         return await self.gatekeeper.admit(worker, provider, tokens)
 
     def finish(
-        self, lease: int, used: int | None, retry_after: float | None, limited: bool
+        self, lease: int, used: int | None, retry_after: float | None, limited: bool | None
     ) -> None:
         self.gatekeeper.finish(lease, used, retry_after, limited)
 
@@ -83,7 +83,7 @@ class RowActor:
         return lease
 
     def _finish(
-        self, lease: int, used: int | None, retry_after: float | None, limited: bool
+        self, lease: int, used: int | None, retry_after: float | None, limited: bool | None
     ) -> None:
         self.gate.finish.remote(lease, used, retry_after, limited)
 

@@ -15,81 +15,26 @@ has them released by `release_worker`, so its slots are not lost.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 
 from moa.config import ProviderConfig
-from moa.errors import RateLimited
-from moa.providers.base import ChatRequest, Provider
-from moa.providers.limits import GatedProvider, Reservation, SlowDown, TokenBucket, _Slots
+from moa.providers.base import Provider
+from moa.providers.limits import GatedProvider, LimitGate, Limits, Reservation, outcome
 
 __all__ = [
     "Gatekeeper",
     "LimitGate",
+    "Limits",
     "SharedLimitsProvider",
     "limited_providers",
     "shared_limits",
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_concurrency: int | None
-    rpm: float | None
-    tpm: float | None
-
-    @classmethod
-    def of(cls, config: ProviderConfig) -> Limits:
-        return cls(config.max_concurrency, config.rpm, config.tpm)
-
-
 def limited_providers(configs: Mapping[str, ProviderConfig]) -> dict[str, Limits]:
     """The providers of a config that have limits, and those limits."""
     return {name: Limits.of(config) for name, config in configs.items() if config.limited}
-
-
-class LimitGate:
-    """One provider's limits: what RateLimitedProvider._admitted does, split in two halves."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.slow_down = SlowDown()
-        self._slots = _Slots(self._concurrency_now) if limits.max_concurrency else None
-        self._requests = TokenBucket(limits.rpm / 60, self.slow_down) if limits.rpm else None
-        self._tokens = TokenBucket(limits.tpm / 60, self.slow_down) if limits.tpm else None
-
-    def _concurrency_now(self) -> int:
-        assert self.limits.max_concurrency is not None
-        return max(1, math.ceil(self.limits.max_concurrency * self.slow_down.factor()))
-
-    async def admit(self, tokens: int) -> None:
-        if self._slots is not None:
-            await self._slots.acquire()
-        try:
-            if self._requests is not None:
-                await self._requests.take(1)
-            if self._tokens is not None:
-                await self._tokens.take(tokens)
-            await self.slow_down.wait()  # a 429 may have arrived while we queued
-        except BaseException:
-            if self._slots is not None:
-                self._slots.release()
-            raise
-
-    def finish(
-        self, tokens: int, used: int | None, retry_after: float | None, limited: bool
-    ) -> None:
-        if limited:
-            self.slow_down.rate_limited(retry_after)
-        else:
-            self.slow_down.succeeded()
-        if self._tokens is not None and used is not None:
-            self._tokens.adjust(tokens - used)
-        if self._slots is not None:
-            self._slots.release()
 
 
 class Gatekeeper:
@@ -112,8 +57,14 @@ class Gatekeeper:
         return lease
 
     def finish(
-        self, lease: int, used: int | None, retry_after: float | None = None, limited: bool = False
+        self,
+        lease: int,
+        used: int | None,
+        retry_after: float | None = None,
+        limited: bool | None = None,
     ) -> None:
+        """Return a lease; `limited` as for LimitGate.finish (None: the call failed, or its
+        worker died)."""
         held = self._leases.pop(lease, None)
         if held is not None:  # already released with its dead worker otherwise
             _, provider, tokens = held
@@ -135,7 +86,7 @@ class Gatekeeper:
 
 
 Admit = Callable[[str, int], Awaitable[int]]
-Finish = Callable[[int, int | None, float | None, bool], None]
+Finish = Callable[[int, int | None, float | None, bool | None], None]
 
 
 class SharedLimitsProvider(GatedProvider):
@@ -147,24 +98,15 @@ class SharedLimitsProvider(GatedProvider):
 
     def __init__(self, inner: Provider, limits: Limits, admit: Admit, finish: Finish) -> None:
         super().__init__(inner)
-        self._limits = limits
+        self.counts_tokens = bool(limits.tpm)
         self._admit = admit
         self._finish = finish
 
-    @contextlib.asynccontextmanager
-    async def _admitted(self, request: ChatRequest) -> AsyncIterator[Reservation]:
-        reservation = Reservation(await self._tokens_wanted(request) if self._limits.tpm else 0)
-        lease = await self._admit(self.name, reservation.tokens)
-        try:
-            yield reservation
-        except RateLimited as error:
-            self._finish(lease, reservation.used, error.retry_after, True)
-            raise
-        except BaseException:
-            self._finish(lease, reservation.used, None, False)
-            raise
-        else:
-            self._finish(lease, reservation.used, None, False)
+    async def _enter(self, tokens: int) -> int:
+        return await self._admit(self.name, tokens)
+
+    def _leave(self, ticket: int, reservation: Reservation, error: BaseException | None) -> None:
+        self._finish(ticket, reservation.used, *outcome(error))
 
 
 def shared_limits(

@@ -227,7 +227,9 @@ async def _worker(job: Job, input_path: Path, socket_path: str) -> None:
         await send(("admit", call, provider, tokens))
         return await future
 
-    def finish(lease: int, used: int | None, retry_after: float | None, limited: bool) -> None:
+    def finish(
+        lease: int, used: int | None, retry_after: float | None, limited: bool | None
+    ) -> None:
         task = asyncio.ensure_future(send(("finish", lease, used, retry_after, limited)))
         pending.add(task)
         task.add_done_callback(pending.discard)

@@ -15,7 +15,7 @@ from moa.config import ProviderConfig
 from moa.env import Environment
 from moa.errors import ConfigError
 from moa.providers.base import ChatMessage, ChatRequest, Completion, Provider, StreamChunk
-from moa.providers.registry import ProviderType, provider_type, register_provider_type
+from moa.providers.registry import build_provider, register_provider_type
 
 if TYPE_CHECKING:
     from moa.providers.cache import CallCache
@@ -26,7 +26,6 @@ __all__ = [
     "Completion",
     "Limiter",
     "Provider",
-    "ProviderType",
     "StreamChunk",
     "build_providers",
     "local_limits",
@@ -76,7 +75,7 @@ def build_providers(
     providers: dict[str, Provider] = {}
     for name in names:
         config = configs[name]
-        provider = limits(name, config, provider_type(config.type).build(name, config, env))
+        provider = limits(name, config, build_provider(name, config, env))
         if cache is not None:
             from moa.providers.cache import CachedProvider
 

@@ -20,14 +20,23 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 
+from moa.config import ProviderConfig
 from moa.errors import RateLimited
 from moa.providers.base import ChatRequest, Completion, Provider, ProviderWrapper, StreamChunk
 from moa.results import Usage
 from moa.retry import backoff
 
-__all__ = ["GatedProvider", "RateLimitedProvider", "Reservation", "SlowDown", "TokenBucket"]
+__all__ = [
+    "GatedProvider",
+    "LimitGate",
+    "Limits",
+    "RateLimitedProvider",
+    "Reservation",
+    "SlowDown",
+    "TokenBucket",
+]
 
 #: Seconds of rate a bucket may hold: the largest burst.
 BURST_S = 1.0
@@ -149,17 +158,66 @@ class _Slots:
                 self._in_use += 1
                 waiter.set_result(None)
 
-    @contextlib.asynccontextmanager
-    async def held(self) -> AsyncIterator[None]:
-        await self.acquire()
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_concurrency: int | None = None
+    rpm: float | None = None
+    tpm: float | None = None
+
+    @classmethod
+    def of(cls, config: ProviderConfig) -> Limits:
+        return cls(config.max_concurrency, config.rpm, config.tpm)
+
+
+class LimitGate:
+    """One provider's limits, in two halves: `admit` waits for a slot and the bucket units,
+    `finish` gives them back settled with the tokens used. Held in the process that calls
+    (RateLimitedProvider) or, for a batch spread over processes, in its driver
+    (moa.batch.shared_limits.Gatekeeper)."""
+
+    def __init__(self, limits: Limits, clock: Clock = time.monotonic) -> None:
+        self.limits = limits
+        self.slow_down = SlowDown(clock)
+        self._slots = _Slots(self._concurrency_now) if limits.max_concurrency else None
+        self._requests = TokenBucket(limits.rpm / 60, self.slow_down, clock) if limits.rpm else None
+        self._tokens = TokenBucket(limits.tpm / 60, self.slow_down, clock) if limits.tpm else None
+
+    def _concurrency_now(self) -> int:
+        assert self.limits.max_concurrency is not None
+        return max(1, math.ceil(self.limits.max_concurrency * self.slow_down.factor()))
+
+    async def admit(self, tokens: int) -> None:
+        if self._slots is not None:
+            await self._slots.acquire()
         try:
-            yield
-        finally:
-            self.release()
+            if self._requests is not None:
+                await self._requests.take(1)
+            if self._tokens is not None:
+                await self._tokens.take(tokens)
+            await self.slow_down.wait()  # a 429 may have arrived while we queued
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+
+    def finish(
+        self, tokens: int, used: int | None, retry_after: float | None, limited: bool | None
+    ) -> None:
+        """`limited`: the call got a 429 (True), succeeded (False), or failed otherwise (None:
+        neither slows the provider down nor ends a run of 429s)."""
+        if limited:
+            self.slow_down.rate_limited(retry_after)
+        elif limited is False:
+            self.slow_down.succeeded()
+        if self._tokens is not None and used is not None:
+            self._tokens.adjust(tokens - used)
+        if self._slots is not None:
+            self._slots.release()
 
 
 class Reservation:
-    """Tokens taken from a tpm bucket for one call, and what the call really used."""
+    """Tokens reserved for one call (its prompt and token cap), and what it really used."""
 
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
@@ -171,17 +229,34 @@ class Reservation:
 
 
 class GatedProvider(ProviderWrapper):
-    """A provider whose calls first pass a gate (`_admitted`) that holds them for the call's
-    whole length (a stream's too, until it ends or its reader closes it) and is told the
-    tokens the call used. Local limits and shared limits are two gates."""
+    """A provider whose calls pass a gate: `_enter(tokens)` before the call and `_leave` after
+    it (a stream's too, when it ends or its reader closes it), told the tokens it used and
+    whether it got a 429. Local limits and a batch's shared limits are two such gates."""
 
-    def _admitted(self, request: ChatRequest) -> AbstractAsyncContextManager[Reservation]:
+    #: Whether calls reserve tokens (a tpm limit): counting a prompt costs a little.
+    counts_tokens = False
+
+    async def _enter(self, tokens: int) -> int:
+        """Wait for the gate; returns a ticket for `_leave`."""
         raise NotImplementedError
 
-    async def _tokens_wanted(self, request: ChatRequest) -> int:
-        """What a call may use at most: its prompt and its token cap (or a default)."""
-        prompt = await self.inner.count_tokens(request.model, request.messages)
-        return prompt + (request.max_tokens or DEFAULT_RESERVED_OUTPUT)
+    def _leave(self, ticket: int, reservation: Reservation, error: BaseException | None) -> None:
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: ChatRequest) -> AsyncIterator[Reservation]:
+        tokens = 0
+        if self.counts_tokens:
+            prompt = await self.inner.count_tokens(request.model, request.messages)
+            tokens = prompt + (request.max_tokens or DEFAULT_RESERVED_OUTPUT)
+        reservation = Reservation(tokens)
+        ticket = await self._enter(tokens)
+        try:
+            yield reservation
+        except BaseException as error:
+            self._leave(ticket, reservation, error)
+            raise
+        self._leave(ticket, reservation, None)
 
     async def complete(self, request: ChatRequest) -> Completion:
         async with self._admitted(request) as reservation:
@@ -199,8 +274,15 @@ class GatedProvider(ProviderWrapper):
                 yield chunk
 
 
+def outcome(error: BaseException | None) -> tuple[float | None, bool | None]:
+    """A call's end as a gate's `finish` takes it: (Retry-After, limited)."""
+    if isinstance(error, RateLimited):
+        return error.retry_after, True
+    return None, None if error is not None else False
+
+
 class RateLimitedProvider(GatedProvider):
-    """Wraps a provider with its configured limits; the protocol is unchanged."""
+    """Wraps a provider with its configured limits, held in this process."""
 
     def __init__(
         self,
@@ -212,34 +294,14 @@ class RateLimitedProvider(GatedProvider):
         clock: Clock = time.monotonic,
     ) -> None:
         super().__init__(inner)
+        self.gate = LimitGate(Limits(max_concurrency, rpm, tpm), clock)
+        self.slow_down = self.gate.slow_down
         self.max_concurrency = max_concurrency
-        self.slow_down = SlowDown(clock)
-        self._slots = _Slots(self._concurrency_now) if max_concurrency is not None else None
-        self._requests = TokenBucket(rpm / 60, self.slow_down, clock) if rpm else None
-        self._tokens = TokenBucket(tpm / 60, self.slow_down, clock) if tpm else None
+        self.counts_tokens = bool(tpm)
 
-    def _concurrency_now(self) -> int:
-        assert self.max_concurrency is not None
-        return max(1, math.ceil(self.max_concurrency * self.slow_down.factor()))
+    async def _enter(self, tokens: int) -> int:
+        await self.gate.admit(tokens)
+        return 0
 
-    @contextlib.asynccontextmanager
-    async def _admitted(self, request: ChatRequest) -> AsyncIterator[Reservation]:
-        """Hold a slot and the bucket units for one call, then settle tokens with the usage."""
-        async with self._slots.held() if self._slots else contextlib.nullcontext():
-            reservation = Reservation(0)
-            if self._requests is not None:
-                await self._requests.take(1)
-            if self._tokens is not None:
-                reservation.tokens = await self._tokens_wanted(request)
-                await self._tokens.take(reservation.tokens)
-            await self.slow_down.wait()  # a 429 may have arrived while we queued
-            try:
-                yield reservation
-            except RateLimited as error:
-                self.slow_down.rate_limited(error.retry_after)
-                raise
-            else:
-                self.slow_down.succeeded()
-            finally:
-                if self._tokens is not None and reservation.used is not None:
-                    self._tokens.adjust(reservation.tokens - reservation.used)
+    def _leave(self, ticket: int, reservation: Reservation, error: BaseException | None) -> None:
+        self.gate.finish(reservation.tokens, reservation.used, *outcome(error))

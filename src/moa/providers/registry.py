@@ -14,50 +14,42 @@ modules are imported when a provider is built, so a config loads without llama.c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from moa.config import LlamaCppProviderConfig, OpenAIProviderConfig, ProviderConfig
 from moa.env import Environment
 from moa.providers.base import Provider
 
-__all__ = ["ProviderType", "config_class", "provider_type", "register_provider_type", "type_names"]
+__all__ = ["build_provider", "config_class", "register_provider_type", "type_names"]
 
 C = TypeVar("C", bound=ProviderConfig)
 
-
-@dataclass(frozen=True, slots=True)
-class ProviderType(Generic[C]):
-    config: type[C]
-    #: (provider name, its config, the environment) → the provider, unwrapped.
-    build: Callable[[str, C, Environment], Provider]
-
-
-_TYPES: dict[str, ProviderType[Any]] = {}
+#: Type name → (its config class, the function building its provider, unwrapped).
+_TYPES: dict[str, tuple[type[ProviderConfig], Callable[[str, Any, Environment], Provider]]] = {}
 
 
 def register_provider_type(
     config: type[C], build: Callable[[str, C, Environment], Provider]
 ) -> None:
-    """Make `type: NAME` usable in configs, NAME being the default of `config`'s type field.
-    Registering a name again replaces it."""
+    """Make `type: NAME` usable in configs, NAME being the default of `config`'s type field;
+    `build(provider name, config, environment)` makes the provider. A name registered again
+    is replaced."""
     name = config.model_fields["type"].default
     if not isinstance(name, str) or not name:
         raise TypeError(f"{config.__name__}.type needs its type name as default, as a Literal")
-    _TYPES[name] = ProviderType(config, build)
-
-
-def provider_type(name: str) -> ProviderType[Any]:
-    return _TYPES[name]
+    _TYPES[name] = (config, build)
 
 
 def config_class(name: str) -> type[ProviderConfig] | None:
-    found = _TYPES.get(name)
-    return None if found is None else found.config
+    return _TYPES[name][0] if name in _TYPES else None
 
 
 def type_names() -> list[str]:
     return list(_TYPES)
+
+
+def build_provider(name: str, config: ProviderConfig, env: Environment) -> Provider:
+    return _TYPES[config.type][1](name, config, env)
 
 
 def _openai(name: str, config: OpenAIProviderConfig, env: Environment) -> Provider:
