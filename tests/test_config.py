@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moa import ConfigError, MoA, load_config, parse_config
+from moa.config import load_providers
 from moa.env import Environment
 from moa.presets import PRESETS, preset_config
 
@@ -43,6 +44,47 @@ def test_the_documented_short_form_resolves(tmp_path: Path) -> None:
     assert second.temperature == 0.5
     assert pipeline.aggregator.max_tokens == 2048
     assert pipeline.call_count == 2 * 2 + 1
+
+
+def test_the_single_pipeline_form_is_the_named_form_with_defaults(tmp_path: Path) -> None:
+    """One shape: a file without `pipelines:` reads as one pipeline, `moa`, its other top-level
+    settings defaults; a preset's pipeline is named after it."""
+    inline = load_config(write(tmp_path, GOOD + "references_in: user\nmin_ok: 2\n"))
+    data = yaml.safe_load(GOOD + "references_in: user\nmin_ok: 2\n")
+    named = parse_config(
+        {
+            **{k: v for k, v in data.items() if k not in ("proposers", "aggregator", "layers")},
+            "pipelines": {"moa": {k: data[k] for k in ("proposers", "aggregator", "layers")}},
+        }
+    )
+    assert list(inline.pipelines) == ["moa"]
+    assert inline.resolve() == named.resolve("moa")
+    assert inline.resolve().references_in == "user"
+    assert inline.resolve().layers[0].min_ok == 2
+    assert list(preset_config("together").pipelines) == ["together"]
+    with pytest.raises(ConfigError, match="no pipeline named 'fast'; the config has: moa"):
+        inline.resolve("fast")
+
+
+def test_a_misspelt_key_is_reported_before_what_it_causes(tmp_path: Path) -> None:
+    path = write(tmp_path, "providers: {x: {base_url: http://h/v1}}\naggregater: {model: m}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: aggregater: unknown key")
+
+
+def test_a_judge_file_needs_only_providers(tmp_path: Path) -> None:
+    path = write(tmp_path, "providers: {x: {base_url: http://h/v1}}\nenv_file: keys.env\n")
+    providers, env_file = load_providers(path)
+    assert providers["x"].endpoint() == "http://h/v1"
+    assert env_file == str(tmp_path / "keys.env")
+    for text, message in (
+        ("aggregator: {model: m}", "needs a `providers:` mapping naming the provider"),
+        ("providers: {x: {base_url: ftp://h}}", "providers.x.base_url: must be an http://"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            load_providers(write(tmp_path, text))
+        assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_named_pipelines_share_providers_and_top_level_defaults() -> None:
