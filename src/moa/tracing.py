@@ -310,10 +310,9 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 def _server(providers: Mapping[str, ProviderConfig], name: str) -> dict[str, Any]:
     """server.address / server.port from the provider's base_url (never its credentials)."""
     config = providers.get(name)
-    base_url = getattr(config, "base_url", None)
-    if not base_url:
+    if config is None:
         return {}
-    parts = urlsplit(str(base_url))
+    parts = urlsplit(config.endpoint())  # a host only for HTTP endpoints
     found: dict[str, Any] = {}
     if parts.hostname:
         found["server.address"] = parts.hostname

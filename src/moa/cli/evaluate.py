@@ -24,6 +24,7 @@ from moa.cli.options import (
     cache_options,
     config_option,
     env_file_option,
+    environment,
     options,
 )
 from moa.cli.report import finish_report, report_options
@@ -186,15 +187,13 @@ def _pipeline_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
     if options.judge_preset is not None:
         config, pipeline = preset_config(options.judge_preset), None
         label = f"MoA preset {options.judge_preset}"
-        env = _environment(options.env_file)
     else:
         if options.config_path is None:
             raise click.UsageError("--judge-pipeline names a pipeline of --config: give --config")
         config = load_config(options.config_path)
         pipeline = options.judge_pipeline
         label = f"MoA pipeline {pipeline}"
-        env_file = options.env_file or (Path(config.env_file) if config.env_file else None)
-        env = _environment(env_file)
+    env = environment(config, options.env_file)
     moa = MoA.from_config(config, pipeline, env=env, cache=cache)
     agent = Agent(
         provider=label,

@@ -7,8 +7,9 @@
     print(pairwise_markdown(report))
 
 The judge is any `Provider` plus an `Agent` saying which model to ask (a whole MoA pipeline
-works too, through `MoA.as_provider()`); wrap the provider in `moa.providers.cache.
-CachedProvider` to make a rerun free.
+works too, through `MoA.as_provider()`); build it with a call cache
+(`moa.providers.build_providers(..., cache=)`, `MoA.from_config(..., cache=)`) to make a rerun
+free.
 """
 
 from __future__ import annotations
