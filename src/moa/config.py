@@ -1,8 +1,11 @@
 """Configuration: the YAML schema, validated by pydantic, and its resolution into a `Pipeline`.
 
 The user-facing models (`ConfigFile`, `PipelineConfig`, `AgentConfig`, ...) mirror the YAML and
-reject unknown keys. `resolve_pipeline` turns one into the frozen, fully defaulted `Pipeline`
-that the engine runs, so the engine never has to ask "was this set?".
+reject unknown keys. A file has one shape, named pipelines over shared defaults (the
+single-pipeline form is read as one pipeline, `moa`), and each provider is validated as the
+config class its `type` names (moa.providers.registry). `ConfigFile.resolve` turns a pipeline
+into the frozen, fully defaulted `Pipeline` that the engine runs, so the engine never has to
+ask "was this set?".
 """
 
 from __future__ import annotations
