@@ -19,9 +19,10 @@ from starlette.responses import Response
 from moa.providers.base import ChatMessage
 from moa.results import RunResult
 from moa.server.chat import ChatRun, _finish_reason, _moa_extension
+from moa.server.errors import unsupported
 from moa.server.guards import read_body
 from moa.server.messages import check_conversation
-from moa.server.params import SamplingRequest, unsupported
+from moa.server.params import SamplingRequest
 from moa.server.schema import decode_body, refuse_redirects, schema_error
 
 if TYPE_CHECKING:

@@ -17,12 +17,29 @@ from starlette.responses import Response
 from moa.env import redact
 from moa.errors import ApiError
 
-__all__ = ["ApiError", "error_body", "error_response", "json_bytes", "json_response"]
+__all__ = [
+    "ApiError",
+    "error_body",
+    "error_response",
+    "invalid",
+    "json_bytes",
+    "json_response",
+    "unsupported",
+]
 
 INVALID_REQUEST = "invalid_request_error"
 RATE_LIMIT = "rate_limit_error"
 SERVER_ERROR = "server_error"
 UPSTREAM_ERROR = "upstream_error"
+
+
+def invalid(message: str, param: str | None = None, *, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def unsupported(param: str, message: str) -> ApiError:
+    """A parameter (or a kind of content) MoA pipelines do not take."""
+    return ApiError(400, message, param=param, code="unsupported_parameter")
 
 
 def error_response(error: ApiError) -> Response:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from moa.engine import normalize_messages
 from moa.errors import InvalidRequest
 from moa.providers.base import ChatMessage
-from moa.server.errors import ApiError
+from moa.server.errors import ApiError, invalid, unsupported
 
 __all__ = ["check_conversation", "parse_message", "text_content"]
 
@@ -38,7 +38,7 @@ def text_content(content: Any, where: str) -> str:
         for number, part in enumerate(content):
             here = f"{where}[{number}]"
             if not isinstance(part, Mapping):
-                raise _bad(f"{here}: a content part must be an object", here)
+                raise invalid(f"{here}: a content part must be an object", here)
             kind = part.get("type", "text")
             if kind not in _TEXT_PARTS:
                 raise ApiError(
@@ -49,38 +49,36 @@ def text_content(content: Any, where: str) -> str:
                 )
             text = part.get("text")
             if not isinstance(text, str):
-                raise _bad(f"{here}.text: must be a string", f"{here}.text")
+                raise invalid(f"{here}.text: must be a string", f"{here}.text")
             texts.append(text)
         return "".join(texts)
-    raise _bad(f"{where}: must be a string or a list of text parts", where)
+    raise invalid(f"{where}: must be a string or a list of text parts", where)
 
 
 def parse_message(message: Any, where: str) -> ChatMessage:
     """One chat message; `developer` counts as `system` (OpenAI's newer name for it)."""
     if not isinstance(message, Mapping):
-        raise _bad(f"{where}: must be an object with role and content", where)
+        raise invalid(f"{where}: must be an object with role and content", where)
     role = message.get("role")
     if role in ("tool", "function"):
-        raise ApiError(
-            400,
+        raise unsupported(
+            f"{where}.role",
             f"{where}: {role} messages are not supported: MoA pipelines do no tool calling",
-            param=f"{where}.role",
-            code="unsupported_parameter",
         )
     if role not in _ROLES:
-        raise _bad(
+        raise invalid(
             f"{where}.role: must be one of system, developer, user or assistant (got {role!r})",
             f"{where}.role",
         )
     if "content" not in message:
-        raise _bad(f"{where}.content: this field is required", f"{where}.content")
+        raise invalid(f"{where}.content: this field is required", f"{where}.content")
     return {"role": _ROLES[role], "content": text_content(message["content"], f"{where}.content")}
 
 
 def check_conversation(messages: Sequence[ChatMessage], field: str) -> list[ChatMessage]:
     """The messages as the engine takes them, or a 400 naming the message at fault."""
     if not messages:
-        raise _bad(f"{field}: at least one message is needed", field)
+        raise invalid(f"{field}: at least one message is needed", field)
     last = f"{field}[{len(messages) - 1}]"
     role = messages[-1]["role"]
     if role == "assistant":
@@ -93,12 +91,8 @@ def check_conversation(messages: Sequence[ChatMessage], field: str) -> list[Chat
             code="unsupported_prefill",
         )
     if role != "user":
-        raise _bad(f"{last}: the last message must be the user's (got a {role} message)", last)
+        raise invalid(f"{last}: the last message must be the user's (got a {role} message)", last)
     try:
         return normalize_messages(messages)
     except InvalidRequest as error:  # pragma: no cover - everything it checks was checked above
-        raise _bad(f"{field}: {error}", field) from None
-
-
-def _bad(message: str, param: str) -> ApiError:
-    return ApiError(400, message, param=param, code="invalid_value")
+        raise invalid(f"{field}: {error}", field) from None

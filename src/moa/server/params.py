@@ -14,7 +14,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from moa.engine import AnswerSettings
-from moa.server.errors import ApiError
+from moa.server.errors import ApiError, unsupported
 
 __all__ = [
     "AnswerSettings",
@@ -100,7 +100,3 @@ class SamplingRequest(BaseModel):
             frequency_penalty=self.frequency_penalty,
             user=self.user,
         )
-
-
-def unsupported(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param, code="unsupported_parameter")

@@ -32,10 +32,10 @@ from moa.errors import RunError
 from moa.providers.base import ChatMessage
 from moa.results import Done, RunResult, TextDelta
 from moa.server.chat import ChatRun, EventSender, _moa_extension, run_error
-from moa.server.errors import ApiError, json_bytes
+from moa.server.errors import ApiError, json_bytes, unsupported
 from moa.server.guards import read_body
 from moa.server.messages import check_conversation, parse_message
-from moa.server.params import AnswerSettings, StreamOptions, unsupported
+from moa.server.params import AnswerSettings, StreamOptions
 from moa.server.schema import decode_body, refuse_redirects, schema_error
 
 if TYPE_CHECKING:
@@ -143,11 +143,9 @@ def _conversation(request: ResponsesRequest) -> list[ChatMessage]:
         where = f"input[{number}]"
         kind = item.get("type", "message") if isinstance(item, dict) else "message"
         if kind != "message":
-            raise ApiError(
-                400,
+            raise unsupported(
+                f"{where}.type",
                 f"{where}: {kind!r} items are not supported; MoA pipelines take messages of text",
-                param=f"{where}.type",
-                code="unsupported_parameter",
             )
         messages.append(parse_message(item, where))
     if len(messages) == offset:

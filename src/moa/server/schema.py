@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError
 from moa._text import find_unencodable
 from moa._validation import first_problem
 from moa.providers.base import ChatMessage
-from moa.server.errors import ApiError
+from moa.server.errors import ApiError, invalid, unsupported
 from moa.server.guards import REDIRECT_FIELDS, redirect_field
 from moa.server.messages import check_conversation, parse_message
 from moa.server.params import SamplingRequest
@@ -71,10 +71,10 @@ def parse_chat_request(body: bytes) -> tuple[ChatCompletionRequest, list[ChatMes
     except ValidationError as error:
         raise schema_error(error) from None
     request.check_sampling()
-    _refuse_unsupported(request)
+    _refuseunsupported(request)
     both = request.max_tokens and request.max_completion_tokens
     if both and request.max_tokens != request.max_completion_tokens:
-        raise _bad(
+        raise invalid(
             "max_tokens and max_completion_tokens disagree: send only one of them", "max_tokens"
         )
     messages = [parse_message(m, f"messages[{n}]") for n, m in enumerate(request.messages)]
@@ -84,7 +84,9 @@ def parse_chat_request(body: bytes) -> tuple[ChatCompletionRequest, list[ChatMes
 def decode_body(body: bytes, what: str) -> dict[str, Any]:
     """The JSON object of a request body, or a 400 saying what is wrong with it."""
     if not body.strip():
-        raise _bad(f"the request body is empty: send {what} as a JSON object", code="invalid_json")
+        raise invalid(
+            f"the request body is empty: send {what} as a JSON object", code="invalid_json"
+        )
     try:
         data = json.loads(body, parse_constant=_no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
@@ -98,11 +100,11 @@ def decode_body(body: bytes, what: str) -> dict[str, Any]:
             400, f"the request body is nested too deeply; send {what}", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
-        raise _bad(f"the request body must be a JSON object, got a JSON {type(data).__name__}")
+        raise invalid(f"the request body must be a JSON object, got a JSON {type(data).__name__}")
     unencodable = find_unencodable(data)
     if unencodable is not None:
         where, problem = unencodable
-        raise _bad(
+        raise invalid(
             f"{where}: the text has {problem}, which cannot be encoded as UTF-8 (a cut emoji?): "
             "fix or remove it",
             where,
@@ -129,36 +131,36 @@ def refuse_redirects(data: Mapping[str, Any]) -> None:
         )
 
 
-def _refuse_unsupported(request: ChatCompletionRequest) -> None:
+def _refuseunsupported(request: ChatCompletionRequest) -> None:
     if request.n not in (None, 1):
-        raise _unsupported("n", "a MoA pipeline writes one answer per request: send n=1")
+        raise unsupported("n", "a MoA pipeline writes one answer per request: send n=1")
     if request.stop:
-        raise _unsupported("stop", "stop sequences are not supported by MoA pipelines")
+        raise unsupported("stop", "stop sequences are not supported by MoA pipelines")
     if request.tools or request.functions:
         param = "tools" if request.tools else "functions"
-        raise _unsupported(param, "tool and function calling are not supported by MoA pipelines")
+        raise unsupported(param, "tool and function calling are not supported by MoA pipelines")
     if request.tool_choice not in (None, "none", "auto"):
-        raise _unsupported("tool_choice", "tool calling is not supported by MoA pipelines")
+        raise unsupported("tool_choice", "tool calling is not supported by MoA pipelines")
     kind = (request.response_format or {}).get("type", "text")
     if kind != "text":
-        raise _unsupported(
+        raise unsupported(
             "response_format", f"response_format {kind!r} is not supported; only 'text' is"
         )
     if request.logprobs:
-        raise _unsupported("logprobs", "logprobs are not available from a MoA pipeline")
+        raise unsupported("logprobs", "logprobs are not available from a MoA pipeline")
 
 
 def schema_error(error: ValidationError) -> ApiError:
     problem = first_problem(error)
     param = _param(problem.location)
     if problem.kind == "missing":
-        return _bad(f"{param}: this field is required", param, code="missing_required_parameter")
+        return invalid(f"{param}: this field is required", param, code="missing_required_parameter")
     value = problem.value
     shown = ""
     if isinstance(value, str | int | float | bool) or value is None:
         text = json.dumps(value)
         shown = f" (got {text if len(text) <= 40 else text[:40] + '…'})"
-    return _bad(f"{param}: {problem.message}{shown}", param)
+    return invalid(f"{param}: {problem.message}{shown}", param)
 
 
 def _param(location: tuple[int | str, ...]) -> str:
@@ -170,11 +172,3 @@ def _param(location: tuple[int | str, ...]) -> str:
         else:
             text += f".{part}" if text else part
     return text
-
-
-def _bad(message: str, param: str | None = None, *, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def _unsupported(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param, code="unsupported_parameter")
