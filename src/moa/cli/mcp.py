@@ -17,7 +17,7 @@ from moa.engine import open_pipelines
     "A YAML config file; each of its pipelines can be asked (a single one is 'moa').",
     "A preset to serve (default: the local preset).",
     "A .env file to read API keys from.",
-    only="With --http: ",
+    only="With --http",
     clients="MCP clients",
 )
 @click.option("--http", is_flag=True, help="Serve streamable HTTP at http://HOST:PORT/mcp.")

@@ -59,7 +59,11 @@ def serving_options(
     config: str, preset: str, env_file: str, *, only: str = "", clients: str = "clients"
 ) -> Decorator[Any]:
     """What `moa serve` and `moa mcp` share: --config / --preset / --env-file (their help
-    given), --host / --port / --allow-unauthenticated (`only` prefixes their help)."""
+    given), --host / --port / --allow-unauthenticated (`only`, "With --http", before theirs)."""
+
+    def after(text: str) -> str:
+        return f"{only}: {text[0].lower()}{text[1:]}" if only else text
+
     return options(
         config_option(config),
         preset_option(preset),
@@ -68,20 +72,22 @@ def serving_options(
             "--host",
             default="127.0.0.1",
             show_default=True,
-            help=f"{only}The address to listen on.",
+            help=after("The address to listen on."),
         ),
         click.option(
             "--port",
             type=click.IntRange(0, 65535),
             default=8000,
             show_default=True,
-            help=f"{only}The port to listen on (0: any free port).",
+            help=after("The port to listen on (0: any free port)."),
         ),
         click.option(
             "--allow-unauthenticated",
             is_flag=True,
-            help=f"{only}Listen on a non-loopback address without authenticating {clients} (only "
-            "behind something that checks them).",
+            help=after(
+                f"Listen on a non-loopback address without authenticating {clients} (only "
+                "behind something that checks them)."
+            ),
         ),
     )
 
