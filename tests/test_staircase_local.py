@@ -67,4 +67,7 @@ def test_a_staircase_run_on_the_embedded_model() -> None:
     assert result.output.strip()
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == result.output
     assert result.aggregator.attempts >= 2  # written in steps
-    assert all(a.ok for a in result.layers[0].agents)  # queued, not cut
+    # The aggregator decodes in the same batch as the proposers, so it may finish first: a
+    # proposer still writing then is cancelled for that reason, never cut as a straggler.
+    for agent in result.layers[0].agents:
+        assert agent.ok or agent.error == "cancelled: the answer was complete", agent

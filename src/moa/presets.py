@@ -64,7 +64,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # beat the model alone by 5.7 ± 2.0 points: see BENCHMARKS.md. No seeds: each request
     # samples afresh. No system prompt: a short one ("Answer briefly.") did not help.
     "local": {
-        "providers": {"local": {"type": "llama-cpp"}},
+        # 2048 tokens a call (questions and 96-token answers need far less) lets 8 calls
+        # decode at once within the default cache size: see LlamaCppProvider.
+        "providers": {"local": {"type": "llama-cpp", "n_ctx": 2048}},
         "proposers": [
             {"provider": "local", "temperature": 0.0},
             {"provider": "local", "temperature": 0.7, "samples": 6},
@@ -72,8 +74,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "aggregator": {"provider": "local", "strategy": "confidence", "agreement_weight": 10},
         "layers": 2,
         "max_tokens": 96,
-        # The embedded model answers one call at a time, and each call's deadline counts its
-        # wait behind the others: on a busy 2-core machine seven answers take minutes.
+        # Each call's deadline counts its wait for the model: on a busy 2-core machine seven
+        # answers take minutes.
         "timeout": 600,
     },
     "together": _hosted("together", _TOGETHER, _TOGETHER_PROPOSERS, _QWEN25_72B, layers=3),

@@ -1,10 +1,10 @@
 """The embedded provider: a GGUF model run in-process by llama.cpp (llama-cpp-python).
 
-A llama.cpp context is not safe to enter from two threads at once, so each model has one worker
-thread of its own and every use of the model (loading, tokenizing, generating) runs there:
-calls from many agents queue up behind each other, and never occupy the event loop's shared
-thread pool while they wait. Tokens are handed to the event loop as they come, so the loop stays
-responsive, and a cancelled call stops generating at the next token.
+Every call to one model goes to its scheduler (moa.providers.llama_batch): one thread that owns
+the llama.cpp context and decodes all running calls together, one token each per step, so the
+agents of a layer answer at once rather than one after another. Tokens are handed to the event
+loop as they come, so the loop stays responsive, and a cancelled call leaves the batch at the
+next step.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import secrets
 import threading
 from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,31 @@ from moa.errors import (
 )
 from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk
 from moa.providers.collect import collect
-from moa.results import TokenLogprob, Usage
+from moa.providers.llama_batch import BatchStats, Job, PromptTooLong, Sampling, Scheduler
+from moa.providers.llama_model import LlamaModel
+from moa.results import Usage
 
-__all__ = ["DEFAULT_N_CTX", "LlamaCppProvider", "default_model_path"]
+__all__ = ["DEFAULT_N_CTX", "DEFAULT_PARALLEL", "LlamaCppProvider", "default_model_path"]
 
 DEFAULT_N_CTX = 4096
+#: Calls decoded together at most, by default: 8 (the `local` preset asks 7 answers at once;
+#: on 2 cores the gain per extra call is small past 6-8, see BENCHMARKS.md), fewer when each
+#: call's context is large, so that the cache (n_ctx cells per call) stays within this many
+#: cells: 16384 cells of SmolLM2-135M take 370 MB.
+DEFAULT_PARALLEL = 8
+_DEFAULT_CACHE_CELLS = 16384
 #: Chat-template tokens around each message (role marker, start/end tokens, newline).
 _TEMPLATE_TOKENS_PER_MESSAGE = 5
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: A request's sampler settings, by the names both ChatRequest and Sampling use.
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
 
 
 def default_model_path() -> Path:
@@ -50,10 +67,6 @@ def default_model_path() -> Path:
     return path
 
 
-class _Cancelled(Exception):
-    pass
-
-
 def _seed(request: ChatRequest) -> int:
     """The request's seed, else a fresh one. Left to itself, llama-cpp-python derives each
     call's seed from the previous one, starting from the same constant in every process: a
@@ -61,133 +74,51 @@ def _seed(request: ChatRequest) -> int:
     return request.seed if request.seed is not None else secrets.randbits(32)
 
 
-class _Continuing:
-    """The model, with `create_chat_completion` extending the final assistant message instead
-    of answering after it (staircase streaming, moa.continuation).
+def _sampling(request: ChatRequest) -> Sampling:
+    """The request's sampler settings; unset ones keep llama-cpp-python's chat defaults."""
+    chosen = {name: value for name in _SAMPLING if (value := getattr(request, name)) is not None}
+    return Sampling(**chosen, seed=_seed(request))
 
-    The chat template is rendered up to the assistant's turn, the partial answer appended, and
-    the text completed from there. llama.cpp keeps the last prompt's evaluated tokens and
-    reuses the longest common prefix, so a step whose prompt starts like the previous step's
-    pays only for the tokens after it (the answer so far sits at the end of the prompt).
-    """
 
-    #: Chat-completion keywords a plain completion does not take.
-    _CHAT_ONLY = frozenset({"logprobs", "top_logprobs", "response_format", "tools", "tool_choice"})
+class _Template:
+    """The model's chat template, rendered as llama-cpp-python renders it for a chat call."""
 
-    def __init__(self, llama: Any) -> None:
-        self._llama = llama
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._llama, name)
-
-    def create_chat_completion(
-        self, *, messages: list[ChatMessage], stop: Any = None, **settings: Any
-    ) -> Any:
+    def __init__(self, model: LlamaModel) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        llama = self._llama
-        template = llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ProviderError(
-                "this GGUF file has no chat template, so a partial answer cannot be continued; "
-                "use aggregator mode: wait"
+        self.eos = model.token_text(model.eos)
+        template = model.metadata("tokenizer.chat_template")
+        self._format: Any = None
+        if template:
+            self._format = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self.eos,
+                bos_token=model.token_text(model.bos),
+                stop_token_ids=[model.eos],
             )
 
-        def piece(token: int) -> str:
-            return "" if token < 0 else llama.detokenize([token], special=True).decode()
+    def tokens(self, model: LlamaModel, request: ChatRequest) -> list[int]:
+        messages: list[Any] = list(request.messages)
+        if request.continue_final:
+            # Staircase streaming: render up to the assistant's turn and append the partial
+            # answer, so the model extends it instead of answering after it.
+            if self._format is None:
+                raise ProviderError(
+                    "this GGUF file has no chat template, so a partial answer cannot be "
+                    "continued; use aggregator mode: wait"
+                )
+            *messages, partial_answer = messages
+            rendered = self._format(messages=messages)
+            text = rendered.prompt + partial_answer["content"]
+        elif self._format is not None:
+            rendered = self._format(messages=messages)
+            text = rendered.prompt
+        else:  # what llama-cpp-python falls back to for a model without a template
+            from llama_cpp.llama_chat_format import format_llama2
 
-        eos = piece(llama.token_eos())
-        *head, partial = messages
-        rendered = Jinja2ChatFormatter(
-            template=template, eos_token=eos, bos_token=piece(llama.token_bos())
-        )(messages=head)  # type: ignore[arg-type]  # our ChatMessage is their message type
-        prompt = llama.tokenize(
-            (rendered.prompt + partial["content"]).encode(),
-            add_bos=not rendered.added_special,
-            special=True,
-        )
-        stops = [eos] if eos else []
-        stops += [stop] if isinstance(stop, str) else list(stop or [])
-        kwargs = {k: v for k, v in settings.items() if k not in self._CHAT_ONLY}
-        completion = llama.create_completion(prompt=prompt, stop=stops, **kwargs)
-        try:
-            for chunk in completion:
-                choice = chunk["choices"][0]
-                text = choice.get("text") or ""
-                yield {
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"content": text} if text else {},
-                            "finish_reason": choice.get("finish_reason"),
-                        }
-                    ]
-                }
-        finally:
-            completion.close()
-
-
-class _LogprobRecorder:
-    """Records each generated token's log-probability as llama.cpp samples it.
-
-    llama-cpp-python returns log-probabilities only for a model loaded with logits_all, which
-    keeps logits for every prompt position (n_ctx × vocabulary floats: 800 MB for SmolLM2 at
-    4096) and sorts the whole vocabulary per token in Python. A logits processor instead sees
-    each step's raw logits (before penalties and temperature, so the model's own distribution)
-    and costs one log-sum-exp over the vocabulary per token (not benchmarked yet). The token
-    sampled at one step is known at the next, as the last input id; the final step's is matched
-    by text among its top alternatives."""
-
-    def __init__(self, llama: Any, top: int) -> None:
-        self._llama = llama
-        self._top = max(top, 1)
-        self._pending: tuple[Any, float, list[tuple[int, float]]] | None = None
-        self.tokens: list[TokenLogprob] = []
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import numpy as np
-
-        if self._pending is not None and len(input_ids):
-            self._resolve(int(input_ids[-1]))
-        logits = np.asarray(scores, dtype=np.float64)
-        peak = float(logits.max())
-        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
-        best = np.argpartition(-logits, self._top)[: self._top]
-        ranked = sorted(((int(i), float(logits[i]) - log_total) for i in best), key=lambda t: -t[1])
-        self._pending = (logits, log_total, ranked)
-        return scores
-
-    def _resolve(self, token: int) -> None:
-        assert self._pending is not None
-        logits, log_total, ranked = self._pending
-        self._pending = None
-        top = tuple((self._piece(i), lp) for i, lp in ranked)
-        self.tokens.append(TokenLogprob(self._piece(token), float(logits[token]) - log_total, top))
-
-    def finish(self, last_text: str) -> tuple[TokenLogprob, ...]:
-        """All tokens, the last one matched by its text (absent when it ended the answer)."""
-        if self._pending is not None and last_text:
-            for token, _ in self._pending[2]:
-                if self._piece(token) == last_text:
-                    self._resolve(token)
-                    break
-        return tuple(self.tokens)
-
-    def _piece(self, token: int) -> str:
-        return bytes(self._llama.detokenize([token])).decode("utf-8", "replace")
-
-
-def _sampling(request: ChatRequest) -> dict[str, Any]:
-    """The optional sampling settings a request sets, as llama-cpp-python's keywords (the same
-    names); unset ones keep llama-cpp-python's own defaults."""
-    settings: dict[str, Any] = {}
-    for name in ("frequency_penalty", "presence_penalty", "repeat_penalty", "min_p"):
-        value = getattr(request, name)
-        if value is not None:
-            settings[name] = value
-    if request.stop:
-        settings["stop"] = list(request.stop)
-    return settings
+            rendered = format_llama2(messages=messages)
+            text = rendered.prompt
+        return model.tokenize(text, add_bos=not rendered.added_special, special=True)
 
 
 class LlamaCppProvider:
@@ -198,14 +129,18 @@ class LlamaCppProvider:
         model_path: str | Path | None = None,
         n_ctx: int | None = None,
         n_threads: int | None = None,
+        parallel: int | None = None,
     ) -> None:
         self.name = name
         self._model_path = Path(model_path).expanduser() if model_path else None
         self._n_ctx = n_ctx or DEFAULT_N_CTX
+        self._parallel = parallel or max(
+            1, min(DEFAULT_PARALLEL, _DEFAULT_CACHE_CELLS // self._n_ctx)
+        )
         self._n_threads = n_threads or os.cpu_count() or 1
-        self._llama: Any = None
-        # The model's only thread (see the module docstring).
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+        self._scheduler: Scheduler | None = None
+        self._template: _Template | None = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LlamaCppProvider(name={self.name!r}, model_path={str(self._model_path)!r})"
@@ -216,130 +151,104 @@ class LlamaCppProvider:
             self._model_path = default_model_path()
         return self._model_path
 
-    def _load(self) -> Any:
-        """Load the model once; runs on the worker thread."""
-        if self._llama is None:
-            try:
-                from llama_cpp import Llama
-            except ImportError:
-                raise MissingExtraError(
-                    "the embedded llama.cpp provider", "local", "llama-cpp-python"
-                ) from None
-            path = self.model_path
-            if not path.is_file():
-                raise ConfigError(f"providers.{self.name}.model_path: no such file {path}")
-            self._llama = Llama(
-                model_path=str(path),
-                n_ctx=self._n_ctx,
-                n_threads=self._n_threads,
-                verbose=False,
-            )
-        return self._llama
+    @property
+    def stats(self) -> BatchStats:
+        """The scheduler's counters (prompt tokens evaluated and shared, steps)."""
+        return self._engine().stats
+
+    def _engine(self) -> Scheduler:
+        with self._lock:
+            if self._scheduler is None:
+                path = self.model_path
+                if not path.is_file():
+                    raise ConfigError(f"providers.{self.name}.model_path: no such file {path}")
+                self._scheduler = Scheduler(
+                    path,
+                    n_ctx=self._n_ctx,
+                    parallel=self._parallel,
+                    n_threads=self._n_threads,
+                    name=self.name,
+                )
+            return self._scheduler
 
     def context_window(self, model: str) -> int | None:
         return self._n_ctx
 
-    def _count(self, messages: Sequence[ChatMessage]) -> int:
-        llama = self._load()
+    def _count(self, model: LlamaModel, messages: Sequence[ChatMessage]) -> int:
         return sum(
-            len(llama.tokenize(m["content"].encode(), add_bos=False, special=False))
+            len(model.tokenize(m["content"], add_bos=False, special=False))
             + _TEMPLATE_TOKENS_PER_MESSAGE
             for m in messages
         )
 
     async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
         """Exact token count of the contents with the model's tokenizer, plus template markers."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self._count, messages)
+        engine = self._engine()
+        loaded = await asyncio.to_thread(engine.model)
+        return self._count(loaded, messages)
+
+    def _load_template(self) -> _Template:
+        """Load the model (the first time) and read its chat template; blocks."""
+        if self._template is None:
+            self._template = _Template(self._engine().model())
+        return self._template
+
+    def _prompt(
+        self, request: ChatRequest, emit: Any, model: LlamaModel
+    ) -> tuple[list[int], tuple[str, ...]]:
+        """Runs on the scheduler thread when the request is admitted. The end-of-turn marker
+        is a stop string too, as llama-cpp-python's chat handler makes it."""
+        emit("prompt", self._count(model, request.messages))
+        template = self._load_template()
+        return template.tokens(model, request), (template.eos,) if template.eos else ()
 
     async def complete(self, request: ChatRequest) -> Completion:
         # A runaway stops generation at once rather than spend max_tokens on the loop: leaving
-        # the stream sets its stop flag, which the worker notices at the next token.
+        # the stream cancels it, which the scheduler notices at its next step.
         return await collect(self.stream(request), stop_runaways=True)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
+        cancelled = threading.Event()
 
-        def post(kind: str, item: Any) -> None:
+        def emit(kind: str, item: Any) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
             except RuntimeError:  # the loop is gone: nobody is listening any more
-                stop.set()
+                cancelled.set()
 
-        def generate() -> None:
-            if stop.is_set():  # cancelled while queued behind other calls
-                return
-            try:
-                llama = self._load()
-                if request.continue_final:  # staircase streaming: extend the partial answer
-                    llama = _Continuing(llama)
-                post("prompt", self._count(request.messages))
-                recorder = None
-                extra = _sampling(request)
-                if request.logprobs:
-                    from llama_cpp import LogitsProcessorList
-
-                    recorder = _LogprobRecorder(llama, request.top_logprobs or 1)
-                    extra["logits_processor"] = LogitsProcessorList([recorder])
-                chunks = llama.create_chat_completion(
-                    messages=list(request.messages),
-                    temperature=request.temperature if request.temperature is not None else 0.7,
-                    top_p=request.top_p if request.top_p is not None else 0.95,
-                    max_tokens=request.max_tokens,
-                    seed=_seed(request),
-                    stream=True,
-                    **extra,
-                )
-                last = ""
-                for chunk in chunks:
-                    if stop.is_set():
-                        chunks.close()
-                        raise _Cancelled
-                    last = chunk["choices"][0].get("delta", {}).get("content") or last
-                    post("chunk", chunk)
-                if recorder is not None:
-                    post("logprobs", recorder.finish(last))
-                post("end", None)
-            except _Cancelled:
-                return
-            except BaseException as error:  # handed to the awaiting coroutine
-                post("error", error)
-
-        worker = loop.run_in_executor(self._worker, generate)
+        job = Job(
+            prompt=partial(self._prompt, request, emit),
+            sampling=_sampling(request),
+            emit=emit,
+            max_tokens=request.max_tokens,
+            stop=tuple(request.stop or ()),
+            top_logprobs=(request.top_logprobs or 1) if request.logprobs else None,
+            cancelled=cancelled,
+        )
+        self._engine().submit(job)
         prompt_tokens = 0
-        completion_tokens = 0
         received: list[str] = []
         try:
             while True:
                 kind, item = await queue.get()
                 if kind == "prompt":
                     prompt_tokens = item
-                elif kind == "chunk":
-                    choice = item["choices"][0]
-                    text = choice.get("delta", {}).get("content") or ""
-                    reason = choice.get("finish_reason")
-                    if text:
-                        completion_tokens += 1
-                        received.append(text)
-                    if reason:
-                        yield StreamChunk(
-                            text=text,
-                            finish_reason=reason,
-                            usage=Usage(prompt_tokens, completion_tokens),
-                        )
-                    elif text:
-                        yield StreamChunk(text=text)
+                elif kind == "text":
+                    received.append(item)
+                    yield StreamChunk(text=item)
                 elif kind == "logprobs":
                     yield StreamChunk(logprobs=item)
-                elif kind == "error":
-                    raise self._translate(item, request.model, "".join(received))
-                else:
+                elif kind == "end":
+                    reason, completion_tokens = item
+                    usage = Usage(prompt_tokens, completion_tokens)
+                    yield StreamChunk(finish_reason=reason, usage=usage)
                     return
+                else:
+                    raise self._translate(item, request.model, "".join(received))
         finally:
-            stop.set()
-            worker.cancel()  # only detaches: the thread notices `stop` at its next token
+            cancelled.set()  # the scheduler drops the sequence at its next step
 
     def _translate(self, error: BaseException, model: str, partial: str) -> Exception:
         if isinstance(error, ProviderError | ConfigError | MissingExtraError):
@@ -348,19 +257,15 @@ class LlamaCppProvider:
             return StreamInterrupted(
                 f"generation failed: {error}", partial=partial, provider=self.name, model=model
             )
-        message = str(error)
-        if "context window" in message or "exceed context" in message or "n_ctx" in message:
-            return ContextLengthExceeded(message, status_code=400, provider=self.name, model=model)
+        if isinstance(error, PromptTooLong):
+            return ContextLengthExceeded(
+                str(error), status_code=400, provider=self.name, model=model
+            )
         return ProviderError(
-            f"llama.cpp: {type(error).__name__}: {message}", provider=self.name, model=model
+            f"llama.cpp: {type(error).__name__}: {error}", provider=self.name, model=model
         )
 
     async def aclose(self) -> None:
-        def close() -> None:
-            if self._llama is not None:
-                self._llama.close()
-                self._llama = None
-
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._worker, close)
-        self._worker.shutdown(wait=False)
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.close)

@@ -68,7 +68,11 @@ def _llama_cpp(name: str, config: LlamaCppProviderConfig, env: Environment) -> P
     from moa.providers.llama_cpp import LlamaCppProvider
 
     return LlamaCppProvider(
-        name, model_path=config.model_path, n_ctx=config.n_ctx, n_threads=config.n_threads
+        name,
+        model_path=config.model_path,
+        n_ctx=config.n_ctx,
+        n_threads=config.n_threads,
+        parallel=config.parallel,
     )
 
 
