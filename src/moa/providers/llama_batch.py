@@ -35,18 +35,11 @@ from typing import Any
 from moa.providers.llama_model import LlamaModel
 from moa.results import TokenLogprob
 
-__all__ = ["BatchStats", "Job", "PromptTooLong", "Sampling", "Scheduler"]
+__all__ = ["BatchStats", "Job", "Sampling", "Scheduler"]
 
 #: Prefixes shorter than this are evaluated again rather than shared: a copy between caches
 #: copies a whole cache (n_ctx cells), and waiting a step for a prefix costs a step.
 _SHARE_MIN = 16
-
-
-class PromptTooLong(Exception):
-    def __init__(self, tokens: int, limit: int) -> None:
-        super().__init__(f"Requested tokens ({tokens}) exceed context window of {limit}")
-        self.tokens = tokens
-        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,8 +340,8 @@ class Scheduler:
     def _prepare(self, model: LlamaModel, job: Job) -> _Sequence | None:
         try:
             prompt, stop = job.prompt(model)
-            if len(prompt) >= self._n_ctx:
-                raise PromptTooLong(len(prompt), self._n_ctx)
+            if len(prompt) >= self._n_ctx:  # the job's own check should have said it better
+                raise ValueError(f"a prompt of {len(prompt)} tokens in a context of {self._n_ctx}")
             return _Sequence(job, model, prompt, stop, self._n_ctx)
         except Exception as error:
             job.emit("error", error)

@@ -28,7 +28,7 @@ from moa.errors import (
 )
 from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk
 from moa.providers.collect import collect
-from moa.providers.llama_batch import BatchStats, Job, PromptTooLong, Sampling, Scheduler
+from moa.providers.llama_batch import BatchStats, Job, Sampling, Scheduler
 from moa.providers.llama_model import LlamaModel
 from moa.results import Usage
 
@@ -200,7 +200,15 @@ class LlamaCppProvider:
         is a stop string too, as llama-cpp-python's chat handler makes it."""
         emit("prompt", self._count(model, request.messages))
         template = self._load_template()
-        return template.tokens(model, request), (template.eos,) if template.eos else ()
+        tokens = template.tokens(model, request)
+        if len(tokens) >= self._n_ctx:  # as llama-cpp-python words it
+            raise ContextLengthExceeded(
+                f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}",
+                status_code=400,
+                provider=self.name,
+                model=request.model,
+            )
+        return tokens, (template.eos,) if template.eos else ()
 
     async def complete(self, request: ChatRequest) -> Completion:
         # A runaway stops generation at once rather than spend max_tokens on the loop: leaving
@@ -256,10 +264,6 @@ class LlamaCppProvider:
         if partial:
             return StreamInterrupted(
                 f"generation failed: {error}", partial=partial, provider=self.name, model=model
-            )
-        if isinstance(error, PromptTooLong):
-            return ContextLengthExceeded(
-                str(error), status_code=400, provider=self.name, model=model
             )
         return ProviderError(
             f"llama.cpp: {type(error).__name__}: {error}", provider=self.name, model=model
