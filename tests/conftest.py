@@ -4,7 +4,7 @@ pipelines on an in-process scripted provider."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -75,3 +75,25 @@ def scripted_moa(providers: dict[str, Provider], **pipeline: Any) -> MoA:
     declared = {name: {"base_url": "http://127.0.0.1:9/v1"} for name in providers}  # unused
     config = parse_config({"providers": declared, **pipeline})
     return MoA(config.resolve(), providers)
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+_to_close: list[_Closable] = []
+
+
+def closed_after_test(resource: C) -> C:
+    """Close `resource` (an HTTP client, say) when the test ends: left to the garbage collector,
+    its sockets are a leak, which fails some later test with a ResourceWarning."""
+    _to_close.append(resource)
+    return resource
+
+
+@pytest.fixture(autouse=True)
+def _close_what_the_test_opened() -> Iterator[None]:
+    yield
+    while _to_close:
+        _to_close.pop().close()

@@ -39,7 +39,9 @@ def test_429_retry_after_is_honoured(fake: FakeOpenAIServer, make_moa: MoAMaker)
     result = run(make_moa(proposers=agents("p1"), aggregator={"model": "agg"}))
     first, second = fake.requests_for("p1")
     waited = second.started - (first.ended or 0)
-    assert 0.9 <= waited <= 1.8
+    # Never sooner than asked; the upper bound only says "not something else entirely". Exact
+    # waits are asserted in virtual time (tests/test_calls.py), where load cannot stretch them.
+    assert 0.9 <= waited < 10
     assert result.layers[0].agents[0].attempts == 2
 
 
@@ -47,14 +49,15 @@ def test_retry_after_ms_and_http_date_are_understood(
     fake: FakeOpenAIServer, make_moa: MoAMaker
 ) -> None:
     when = email.utils.formatdate(time.time() + 2, usegmt=True)
-    fake.script("p1", Reply(status=429, headers={"retry-after-ms": "300"}))
+    # 700 ms: longer than the first backoff (0.25-0.5 s) could be, so the header made the wait.
+    fake.script("p1", Reply(status=429, headers={"retry-after-ms": "700"}))
     fake.script("p2", Reply(status=503, headers={"Retry-After": when}))
     # wait: all, or the straggler cut-off would end p2's wait once p1 has answered.
     run(make_moa(proposers=agents("p1", "p2"), aggregator={"model": "agg"}, wait="all"))
     a, b = fake.requests_for("p1")
-    assert 0.25 <= b.started - (a.ended or 0) <= 0.9
+    assert 0.65 <= b.started - (a.ended or 0) < 10
     c, d = fake.requests_for("p2")
-    assert 0.5 <= d.started - (c.ended or 0) <= 2.8  # HTTP dates have one-second resolution
+    assert 0.9 <= d.started - (c.ended or 0) < 10  # HTTP dates have one-second resolution
 
 
 def test_retry_after_beyond_the_cap_is_not_waited_for(
@@ -65,7 +68,7 @@ def test_retry_after_beyond_the_cap_is_not_waited_for(
     result = run(
         make_moa(proposers=agents("slow", "p2"), aggregator={"model": "agg"}, max_retry_wait=5)
     )
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 4.5  # not max_retry_wait=5, let alone the hour
     slow = result.layers[0].agents[0]
     assert slow.status == "failed" and "3600" in (slow.error or "")
     assert len(fake.requests_for("slow")) == 1
@@ -126,10 +129,10 @@ def test_a_hung_proposer_is_cancelled_at_its_deadline_and_the_layer_goes_on(
     )
     started = time.monotonic()
     result = run(moa)
-    assert time.monotonic() - started < 1.0 + 0.5 + 0.5  # deadline + 0.5 s, + the aggregator
+    assert time.monotonic() - started < 10  # not the 30 s hang (exact: tests/test_calls.py)
     hung = result.layers[0].agents[0]
     assert hung.status == "failed" and "timeout" in (hung.error or "")
-    assert hung.latency_s < 1.5
+    assert 1.0 <= hung.latency_s < 10
     (request,) = fake.requests_for("hung")
     deadline = time.monotonic() + 2
     while not request.disconnected and time.monotonic() < deadline:
@@ -148,7 +151,7 @@ def test_layer_timeout_moves_on_once_min_ok_answers_are_in(
     )
     started = time.monotonic()
     result = run(moa)
-    assert time.monotonic() - started < 0.8 + 1.0
+    assert time.monotonic() - started < 10  # not the 30 s hang (exact: tests/test_calls.py)
     statuses = [a.status for a in result.layers[0].agents]
     assert statuses == ["ok", "ok", "cancelled"]
 
@@ -164,7 +167,7 @@ def test_first_token_timeout_applies_to_streamed_calls(
     started = time.monotonic()
     with pytest.raises(AggregatorFailed, match="first token"):
         run(moa)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 4.5  # not the 5 s latency
 
 
 # --- k-of-n layers and what later layers see ------------------------------------------------------
@@ -217,7 +220,7 @@ def test_min_ok_is_enforced_and_the_layer_stops_once_it_is_out_of_reach(
     started = time.monotonic()
     with pytest.raises(LayerFailed, match="of 3 agents succeeded, 3 needed") as caught:
         run(moa)
-    assert time.monotonic() - started < 2  # no waiting for answers that cannot help
+    assert time.monotonic() - started < 4.5  # no waiting for answers that cannot help (5 s)
     assert [r.status for r in caught.value.results] == ["failed", "cancelled", "cancelled"]
     assert fake.requests_for("agg") == []
 

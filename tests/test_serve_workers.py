@@ -10,6 +10,7 @@ from pathlib import Path
 import openai
 
 from moa.testing import FakeOpenAIServer, Reply
+from tests.conftest import closed_after_test
 from tests.test_server_process import ServeProcess, start_serve, write_config
 
 __all__ = ["start_serve"]  # the fixture, used by name below
@@ -37,6 +38,7 @@ def test_workers_share_the_port_answer_and_stop_together(
     workers = children(server.process.pid)
     assert len(workers) == 2, server.logs()
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    closed_after_test(client)
 
     def ask(n: int) -> str:
         answer = client.chat.completions.create(

@@ -20,7 +20,7 @@ from moa.errors import ConfigError
 from moa.server import BackgroundServer, check_exposure, create_app, is_loopback
 from moa.server.app import server_state
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import ConfigMaker, agents
+from tests.conftest import ConfigMaker, agents, closed_after_test
 
 TWO_LAYERS: dict[str, Any] = {
     "proposers": agents("p1", "p2"),
@@ -67,7 +67,8 @@ def shared(fake_server: FakeOpenAIServer) -> Iterator[BackgroundServer]:
 
 
 def client(server: BackgroundServer, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=30)
+    api = openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=30)
+    return closed_after_test(api)
 
 
 def request(model: str = "moa", **fields: Any) -> dict[str, Any]:

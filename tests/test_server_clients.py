@@ -14,6 +14,7 @@ import pytest
 
 from moa.server import BackgroundServer
 from moa.testing import FakeOpenAIServer, Reply
+from tests.conftest import closed_after_test
 from tests.test_server import (
     CHAT,
     KEY,
@@ -349,7 +350,8 @@ def test_a_cors_origin_gets_preflight_and_headers_even_on_refusals(serve: Serve)
 
 def retrying_client(server: BackgroundServer) -> openai.OpenAI:
     """The SDK as users have it: retries on (twice, its default)."""
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=2, timeout=30)
+    api = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=2, timeout=30)
+    return closed_after_test(api)
 
 
 def test_an_upstream_refusal_is_not_retried_by_the_sdk(

@@ -22,7 +22,7 @@ from moa.errors import ConfigError
 from moa.server import BackgroundServer, create_app
 from moa.server.guards import parse_api_keys
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import ConfigMaker
+from tests.conftest import ConfigMaker, closed_after_test
 from tests.test_server import (
     CHAT,
     NO_RETRY,
@@ -132,6 +132,7 @@ def test_an_openai_client_cut_by_the_grace_period_gets_its_usual_exception(
     fake.script("p1", Reply(hang=30))
     server = serve(grace_period=0.3)
     api = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=30)
+    closed_after_test(api)
     raised: list[BaseException] = []
 
     def ask() -> None:

@@ -15,7 +15,7 @@ from moa.config import parse_config
 from moa.engine import open_pipelines
 from moa.server import BackgroundServer, create_app
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import agents
+from tests.conftest import agents, closed_after_test
 
 KEY = "metrics-test-key-0123456789"
 
@@ -69,7 +69,9 @@ def test_metrics_count_requests_runs_calls_tokens_and_cost(
 ) -> None:
     fake.script("p2", Reply(status=500))
     server = serve(metrics=True)
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    client = closed_after_test(
+        openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    )
     client.chat.completions.create(model="duo", messages=[{"role": "user", "content": "a?"}])
     stream = client.chat.completions.create(
         model="solo", messages=[{"role": "user", "content": "b?"}], stream=True

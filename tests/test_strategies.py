@@ -22,7 +22,7 @@ from moa.strategies import (
     window_chunks,
 )
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import ConfigMaker, MoAMaker, agents
+from tests.conftest import ConfigMaker, MoAMaker, agents, closed_after_test
 
 QUESTION = "What is 17 + 25?"
 
@@ -548,7 +548,9 @@ def test_the_strategy_reaches_the_servers_moa_object(
         proposers=agents("p1", "p2"), aggregator={"model": "agg", "strategy": "vote"}
     )
     with BackgroundServer(create_app(open_pipelines(config))) as server:
-        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        client = closed_after_test(
+            openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        )
         completion = client.chat.completions.create(
             model="moa", messages=[{"role": "user", "content": "Capital of France?"}]
         )

@@ -18,7 +18,7 @@ from opentelemetry.trace import StatusCode
 
 from moa import LayerFailed, tracing
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import ConfigMaker, MoAMaker, agents
+from tests.conftest import ConfigMaker, MoAMaker, agents, closed_after_test
 
 QUESTION = "Name a prime number between 10 and 20, secret-question-text."
 _EXPORTER = InMemorySpanExporter()
@@ -226,7 +226,9 @@ def test_moa_serve_continues_the_callers_trace(
     trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     config = make_config(proposers=agents("p1"), aggregator={"model": "agg"})
     with BackgroundServer(create_app(open_pipelines(config))) as server:
-        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        client = closed_after_test(
+            openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        )
         client.chat.completions.create(
             model="moa",
             messages=[{"role": "user", "content": QUESTION}],
@@ -321,6 +323,7 @@ def test_the_cli_exports_over_otlp_to_the_endpoint_named(
         )
     finally:
         collector.shutdown()
+        collector.server_close()
     assert done.returncode == 0, done.stderr
     assert done.stdout == "agg answer 0\n"
     names, services = [], set()

@@ -14,6 +14,7 @@ the core runs the one retry loop, so attempts are counted and backoff is decided
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import time
@@ -93,6 +94,7 @@ class OpenAICompatibleProvider:
         self._proxy = _env_proxy(self._url)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._closer: AsyncGenerator[None, None] | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         """The session for this event loop.
@@ -113,6 +115,12 @@ class OpenAICompatibleProvider:
                 timeout=aiohttp.ClientTimeout(total=None),
             )
             self._session_loop = loop
+            # A session must be closed on its own loop, and a caller of `asyncio.run` may never
+            # call aclose there. asyncio.run and asyncio.Runner close the async generators
+            # still open as their loop ends: this one closes the session then.
+            self._closer = _close_at_loop_end(self._session)
+            with contextlib.suppress(StopIteration):
+                self._closer.asend(None).send(None)  # started: it waits at its `yield`
         return self._session
 
     def __repr__(self) -> str:
@@ -129,7 +137,7 @@ class OpenAICompatibleProvider:
         self._session, self._session_loop = None, None
         if session is not None and loop is asyncio.get_running_loop():
             await session.close()
-        # A session of a finished loop cannot be closed from this one; its sockets went with it.
+        # A session of a finished loop was closed as that loop ended (see _client).
 
     def _body(self, request: ChatRequest, *, stream: bool) -> bytes:
         body: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
@@ -431,3 +439,10 @@ def _error_message(text: str, reason: str | None) -> str:
 def _clip(text: str | None) -> str | None:
     # Redacted before it is cut: a cut through a key would leave its head unrecognised.
     return None if text is None else clip(text, _BODY_LIMIT)
+
+
+async def _close_at_loop_end(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await session.close()
