@@ -215,6 +215,12 @@ def embedded(count: int) -> None:
                 totals.append(time.perf_counter() - started)
                 ttfts.append(result.ttft_s or totals[-1])
                 right.append(is_correct(result.output, row["answers"], question=row["instruction"]))
+                print(
+                    f"  {mode} {len(right)}/{len(rows)}: TTFT {ttfts[-1]:.2f} s, "
+                    f"total {totals[-1]:.2f} s, {'right' if right[-1] else 'wrong'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         figures[mode] = (ttfts, totals, right)
     base_ttft, base_total, base_right = figures["wait"]
     for mode, (ttfts, totals, right) in figures.items():
