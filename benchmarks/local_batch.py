@@ -97,36 +97,44 @@ def _story(n: int) -> ChatRequest:
     )
 
 
-async def _tokens(provider: LlamaCppProvider, request: ChatRequest) -> int:
+async def _tokens(provider: LlamaCppProvider, request: ChatRequest) -> tuple[int, float, float]:
+    """Answer tokens, and when the first and the last came (perf_counter seconds)."""
     # The stream itself: complete() would stop an answer that starts to loop.
-    tokens = 0
+    tokens, first, last = 0, 0.0, 0.0
     async for chunk in provider.stream(request):
+        last = time.perf_counter()
+        first = first or last
         tokens = chunk.usage.completion_tokens if chunk.usage else tokens
-    return tokens
+    return tokens, first, last
 
 
-def decode(counts: list[int], rounds: int, threads: int) -> dict[int, tuple[float, float]]:
-    """Aggregate answer tokens/s for n requests at once and one after another (medians)."""
+def decode(counts: list[int], rounds: int, threads: int) -> dict[int, list[float]]:
+    """For n requests at once and one after another: aggregate answer tokens/s over the whole
+    time (prompts included), and decode-only (from the last first token to the last token,
+    one after another: the sum of each answer's first-to-last time); medians of `rounds`."""
 
-    async def run() -> dict[int, tuple[float, float]]:
+    async def run() -> dict[int, list[float]]:
         provider = LlamaCppProvider("local", n_ctx=512, parallel=8, n_threads=threads)
         await _tokens(provider, _story(99))  # load the model and warm up
-        results: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in counts}
+        results: dict[int, list[list[float]]] = {n: [[], [], [], []] for n in counts}
         try:
             for _ in range(rounds):
                 for n in counts:
                     requests = [_story(i) for i in range(n)]
                     started = time.perf_counter()
                     together = await asyncio.gather(*(_tokens(provider, r) for r in requests))
-                    batched = sum(together) / (time.perf_counter() - started)
+                    tokens = sum(t for t, _, _ in together)
+                    results[n][0].append(tokens / (time.perf_counter() - started))
+                    first, last = max(f for _, f, _ in together), max(e for _, _, e in together)
+                    results[n][1].append((tokens - n) / (last - first))
                     started = time.perf_counter()
                     alone = [await _tokens(provider, r) for r in requests]
-                    sequential = sum(alone) / (time.perf_counter() - started)
-                    results[n][0].append(batched)
-                    results[n][1].append(sequential)
+                    tokens = sum(t for t, _, _ in alone)
+                    results[n][2].append(tokens / (time.perf_counter() - started))
+                    results[n][3].append((tokens - n) / sum(e - f for _, f, e in alone))
         finally:
             await provider.aclose()
-        return {n: (statistics.median(b), statistics.median(s)) for n, (b, s) in results.items()}
+        return {n: [statistics.median(v) for v in found] for n, found in results.items()}
 
     return asyncio.run(run())
 
@@ -257,15 +265,18 @@ def main() -> None:
 
     if "decode" in parts:
         rates = decode([1, 2, 3, 4, 6], args.rounds, args.threads)
-        print("\n2. decode: n requests at once against one after another (answer tokens/s)")
-        print("| n | batched | sequential | speed-up | limit at k = n | batched / limit |")
-        print("|---|---|---|---|---|---|")
-        for n, (batched, sequential) in rates.items():
+        print("\n2. decode: n requests at once and one after another (answer tokens/s;")
+        print("   whole: prompts included; decode: from every first token to the last)")
+        print(
+            "| n | batched, whole | sequential, whole | batched, decode | sequential, decode "
+            "| speed-up (decode) | limit at k = n | batched decode / limit |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for n, (whole, batched, whole_alone, alone) in rates.items():
             at = bound.get(n)
             shown = f"{at:.0f} | {batched / at:.0%}" if at else "- | -"
-            print(
-                f"| {n} | {batched:.0f} | {sequential:.0f} | {batched / sequential:.2f} | {shown} |"
-            )
+            cells = f"{whole:.0f} | {whole_alone:.0f} | {batched:.0f} | {alone:.0f}"
+            print(f"| {n} | {cells} | {batched / alone:.2f} | {shown} |")
 
     if "preset" in parts:
         questions = _QUESTIONS[: args.questions]
