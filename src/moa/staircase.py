@@ -138,8 +138,9 @@ class _Proposers:
             if not waiting:
                 return
             if self.first and all(i in self._uncuttable for i in waiting):
-                # The embedded model runs one call at a time: those still waiting for their
-                # first token are waiting their turn, so start with the text there is.
+                # The embedded model: those still waiting for their first token are waiting
+                # for the model (a prompt being read, or a full batch), so start with the text
+                # there is.
                 return
             cut_at = deadline
             if layer.cutoff is not None and len(self.first) >= enough:

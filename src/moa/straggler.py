@@ -16,8 +16,8 @@ times as slow as the layer's median and at least a second behind it, where "slow
 - for an agent that is writing: slow to **finish**, against the median answer time. An agent
   that is still writing is slow, not hung, and gets the whole grace period.
 
-Agents on the embedded model are never cut: its calls queue on one thread, so a late one is
-waiting its turn, not hung.
+Agents on the embedded model are never cut: its calls share one model, decoded as a batch of at
+most `parallel` calls with the rest queued, so a late one is waiting for the model, not hung.
 """
 
 from __future__ import annotations
