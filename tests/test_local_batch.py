@@ -130,7 +130,10 @@ def test_a_cancelled_sequence_stops_while_the_others_finish() -> None:
 def test_a_request_joins_a_batch_that_is_already_running() -> None:
     async def work(provider: LlamaCppProvider) -> tuple[list[str], int]:
         events: list[str] = []
-        first = provider.stream(ask("Count from one to twenty in words.", max_tokens=64))
+        # Greedy and long, so that it is surely still writing when the short one is done
+        # (sampled, a count to twenty sometimes came out as four tokens).
+        story = ask("Write a long story about a dragon.", temperature=0.0, max_tokens=64)
+        first = provider.stream(story)
         late: asyncio.Task[Completion] | None = None
         async for chunk in first:
             if chunk.text and late is None and len(events) == 3:
