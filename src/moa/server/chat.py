@@ -146,21 +146,34 @@ class ChatRun:
             response = json_response(self._completion(result), headers=self._headers())
         await response(scope, no_receive, send)
 
-    def _completion(self, result: RunResult) -> dict[str, Any]:
+    #: The `object` of a whole answer and of a streamed chunk (legacy completions differ).
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "id": self.id,
-            "object": "chat.completion",
+            "object": object_name,
             "created": self.created,
             "model": self.moa.name,
             "system_fingerprint": None,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.output, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(result),
-                }
-            ],
+            "choices": choices,
+        }
+
+    def _choice(self, result: RunResult) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.output, "refusal": None},
+            "logprobs": None,
+            "finish_reason": _finish_reason(result),
+        }
+
+    def _delta_choice(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def _completion(self, result: RunResult) -> dict[str, Any]:
+        return {
+            **self._envelope(self.object_name, [self._choice(result)]),
             "usage": result.usage.to_dict(),
             "moa": _moa_extension(result),
         }
@@ -224,16 +237,7 @@ class ChatRun:
         finish_reason: str | None = None,
         moa: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.moa.name,
-            "system_fingerprint": None,
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            ],
-        }
+        chunk = self._envelope(self.chunk_object_name, [self._delta_choice(delta, finish_reason)])
         if self.request.include_usage:
             chunk["usage"] = None  # as OpenAI does: only the last chunk carries usage
         if moa is not None:
@@ -241,15 +245,7 @@ class ChatRun:
         return chunk
 
     def _usage_chunk(self, result: RunResult) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.moa.name,
-            "system_fingerprint": None,
-            "choices": [],
-            "usage": result.usage.to_dict(),
-        }
+        return {**self._envelope(self.chunk_object_name, []), "usage": result.usage.to_dict()}
 
 
 class EventSender:

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from moa.providers.base import ChatMessage
 from moa.results import RunResult
-from moa.server.chat import ChatRun, _finish_reason, _moa_extension
+from moa.server.chat import ChatRun, _finish_reason
 from moa.server.errors import unsupported
 from moa.server.guards import read_body
 from moa.server.messages import check_conversation
@@ -104,51 +104,11 @@ class CompletionRun(ChatRun):
     def _new_id(self) -> str:
         return f"cmpl-{uuid.uuid4().hex}"
 
-    def _completion(self, result: RunResult) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.moa.name,
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "text": result.output,
-                    "index": 0,
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(result),
-                }
-            ],
-            "usage": result.usage.to_dict(),
-            "moa": _moa_extension(result),
-        }
+    object_name = chunk_object_name = "text_completion"
 
-    def _chunk(
-        self,
-        delta: dict[str, Any],
-        finish_reason: str | None = None,
-        moa: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.moa.name,
-            "system_fingerprint": None,
-            "choices": [
-                {
-                    "text": delta.get("content", ""),
-                    "index": 0,
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            ],
-        }
-        if self.request.include_usage:
-            chunk["usage"] = None
-        if moa is not None:
-            chunk["moa"] = moa
-        return chunk
+    def _choice(self, result: RunResult) -> dict[str, Any]:
+        return self._delta_choice({"content": result.output}, _finish_reason(result))
 
-    def _usage_chunk(self, result: RunResult) -> dict[str, Any]:
-        return {**self._chunk({}), "choices": [], "usage": result.usage.to_dict()}
+    def _delta_choice(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        text = delta.get("content", "")
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
