@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,8 +33,6 @@ from moa.engine import MoA
 from moa.env import Environment
 from moa.errors import ConfigError
 from moa.evaluation import (
-    MTBenchReport,
-    PairwiseReport,
     evaluate_mt_bench,
     evaluate_pairwise,
     load_answers,
@@ -206,19 +204,6 @@ def _pipeline_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
     return Judge(moa.as_provider(label), agent, concurrency=options.concurrency, label=label)
 
 
-@contextlib.contextmanager
-def _opened_cache(options: JudgeOptions) -> Iterator[CallCache | None]:
-    path = cache_file(options.cache_path, options.no_cache)
-    if path is None:
-        yield None
-        return
-    cache = CallCache(path)
-    try:
-        yield cache
-    finally:
-        cache.close()
-
-
 def _open_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
     chosen = [o for o in (options.judge, options.judge_preset, options.judge_pipeline) if o]
     if len(chosen) != 1:
@@ -233,17 +218,24 @@ def _open_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
     return _pipeline_judge(options, cache)
 
 
-def _run_judged(options: JudgeOptions, work: Callable[[Judge, CountBar], Awaitable[T]]) -> T:
-    """Open the judge (and cache), run `work` with a progress bar on a terminal, close all."""
-    with _opened_cache(options) as cache:
-        judge = _open_judge(options, cache)
+def _run_judged(
+    judge: dict[str, Any], evaluate: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+) -> T:
+    """`evaluate(judge, *args, **kwargs)` with the judge (and cache) the `judge` options name and
+    a progress bar on a terminal; closes all."""
+    options = JudgeOptions(**judge)
+    path = cache_file(options.cache_path, options.no_cache)
+    with CallCache(path) if path is not None else contextlib.nullcontext() as cache:
+        judged = _open_judge(options, cache)
 
         async def go() -> T:
             try:
                 with CountBar("judging", sys.stderr) as bar:
-                    return await work(judge, bar)
+                    return await evaluate(
+                        judged, *args, on_start=bar.started, on_done=bar.done, **kwargs
+                    )
             finally:
-                await judge.aclose()
+                await judged.aclose()
 
         return asyncio.run(go())
 
@@ -302,16 +294,9 @@ def pairwise(
     verdicts (a logistic model with a length term, as length-controlled AlpacaEval does) and
     shown beside the raw one.
     """
-    options = JudgeOptions(**judge)
     a = load_outputs(a_path, name_a)
     b = load_outputs(b_path, name_b)
-
-    async def work(judge: Judge, bar: CountBar) -> PairwiseReport:
-        return await evaluate_pairwise(
-            judge, a, b, limit=limit, on_start=bar.started, on_done=bar.done
-        )
-
-    report = _run_judged(options, work)
+    report = _run_judged(judge, evaluate_pairwise, a, b, limit=limit)
     markdown, data = pairwise_markdown(report), pairwise_json(report)
     controlled = fit_from_results(report.results) if length_controlled else None
     if length_controlled:
@@ -363,26 +348,20 @@ def mt_bench(
     models in one file are reported separately. The judge grading turn 2 sees the whole
     two-turn exchange, and the reference answer where the question has one.
     """
-    options = JudgeOptions(**judge)
     questions = load_questions(questions_path)
     if reference_answers is not None:
         questions = load_reference_answers(reference_answers, questions)
     answers, skipped = load_answers(answers_path)
-
-    async def work(judge: Judge, bar: CountBar) -> MTBenchReport:
-        return await evaluate_mt_bench(
-            judge,
-            questions,
-            answers,
-            answers_path=str(answers_path),
-            questions_path=str(questions_path),
-            limit=limit,
-            skipped_answers=skipped,
-            on_start=bar.started,
-            on_done=bar.done,
-        )
-
-    report = _run_judged(options, work)
+    report = _run_judged(
+        judge,
+        evaluate_mt_bench,
+        questions,
+        answers,
+        answers_path=str(answers_path),
+        questions_path=str(questions_path),
+        limit=limit,
+        skipped_answers=skipped,
+    )
     finish_report(
         mt_bench_markdown(report),
         mt_bench_json(report),

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-from moa.batch.progress import CountBar
-from moa.cli.evaluate import JudgeOptions, _run_judged, command
+from moa.cli.evaluate import _run_judged, command
 from moa.cli.evaluate import judge_options as _judge_options
 from moa.cli.options import FILE
 from moa.cli.report import finish_report, report_options
-from moa.evaluation.flask import FlaskReport, evaluate_flask, load_flask_answers, load_flask_items
+from moa.evaluation.flask import evaluate_flask, load_flask_answers, load_flask_items
 from moa.evaluation.flask_report import flask_json, flask_markdown
-from moa.evaluation.judges import Judge
 from moa.evaluation.plots import plot_flask
 
 __all__ = ["flask"]
@@ -55,7 +54,6 @@ def flask(
     instruction, the reference answer and the response, and scores each of the item's skills
     with a rubric per skill.
     """
-    options = JudgeOptions(**judge)
     items = load_flask_items(items_path)
     systems = []
     names: set[str] = set()
@@ -65,20 +63,10 @@ def flask(
         while name in names:  # two files from one generator still need two columns
             name, number = f"{answers.name} ({number})", number + 1
         names.add(name)
-        systems.append(load_flask_answers(path, items, name))
-
-    async def work(judge: Judge, bar: CountBar) -> FlaskReport:
-        return await evaluate_flask(
-            judge,
-            items,
-            systems,
-            items_path=str(items_path),
-            limit=limit,
-            on_start=bar.started,
-            on_done=bar.done,
-        )
-
-    report = _run_judged(options, work)
+        systems.append(replace(answers, name=name))
+    report = _run_judged(
+        judge, evaluate_flask, items, systems, items_path=str(items_path), limit=limit
+    )
     finish_report(
         flask_markdown(report),
         flask_json(report),

@@ -91,6 +91,10 @@ class CategoryAccuracy:
         return math.sqrt(p * (1 - p) / self.n) if self.n else 0.0
 
 
+def _accuracy(category: str, rows: Sequence[ScoredRow]) -> CategoryAccuracy:
+    return CategoryAccuracy(category, sum(r.correct for r in rows), len(rows))
+
+
 @dataclass(frozen=True, slots=True)
 class ScoredSystem:
     name: str
@@ -104,19 +108,12 @@ class ScoredSystem:
 
     @property
     def overall(self) -> CategoryAccuracy:
-        return CategoryAccuracy("overall", sum(r.correct for r in self.rows), len(self.rows))
+        return _accuracy("overall", self.rows)
 
     @property
     def categories(self) -> list[CategoryAccuracy]:
         names = sorted({r.category for r in self.rows})
-        return [
-            CategoryAccuracy(
-                name,
-                sum(r.correct for r in self.rows if r.category == name),
-                sum(r.category == name for r in self.rows),
-            )
-            for name in names
-        ]
+        return [_accuracy(name, [r for r in self.rows if r.category == name]) for name in names]
 
     @property
     def failed(self) -> int:

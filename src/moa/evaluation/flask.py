@@ -13,9 +13,7 @@ evaluation set) or `idx`/`instruction`/`skills`/`domain`/`difficulty`.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
-import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from moa._files import (
 )
 from moa.errors import InputFileError
 from moa.evaluation.judges import Judge, block, visible_text
+from moa.evaluation.pairwise import win_rate
 from moa.prompts import fence_token
 from moa.providers.base import ChatMessage
 
@@ -374,11 +373,7 @@ async def _grade(judge: Judge, system: str, item: FlaskItem, response: str) -> F
 
 def mean_score(values: Iterable[float]) -> MeanScore:
     data = list(values)
-    if not data:
-        return MeanScore(None, None, 0)
-    mean = sum(data) / len(data)
-    error = statistics.stdev(data) / math.sqrt(len(data)) if len(data) > 1 else None
-    return MeanScore(mean, error, len(data))
+    return MeanScore(*win_rate(data), len(data))
 
 
 def _grouped(
@@ -403,10 +398,9 @@ def summarize(
         skill: mean_score(g.scores[skill] or 0.0 for g in grades if g.scores.get(skill) is not None)
         for skill in SKILLS
     }
-    complete = [g.mean for g in grades if g.mean is not None]
     return FlaskSystemSummary(
         name=name,
-        overall=mean_score(m for m in complete if m is not None),
+        overall=mean_score(g.mean for g in grades if g.mean is not None),
         skills=skills,
         domains=_grouped(grades, lambda g: g.item.domains),
         difficulties=_grouped(grades, lambda g: (g.item.difficulty,)),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +87,13 @@ class OutputSet:
         return all(row.id is not None for row in self.rows)
 
 
+def _strings(value: Any) -> tuple[str, ...] | None:
+    """A non-empty list of strings, as a tuple; None for anything else."""
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+        return None
+    return tuple(value)
+
+
 def _messages(raw: Any) -> tuple[tuple[ChatMessage, ...], tuple[str, ...]] | None:
     """History and the last user turn of an OpenAI message list."""
     if not isinstance(raw, list) or not raw:
@@ -106,9 +113,9 @@ def _prompt(source: Mapping[str, Any]) -> tuple[tuple[ChatMessage, ...], tuple[s
     instruction = alpaca_prompt(source, "instruction" if "instruction" in source else "prompt")
     if instruction is not None:
         return (), (instruction,)
-    turns = source.get("turns")
-    if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
-        return (), tuple(turns)
+    turns = _strings(source.get("turns"))
+    if turns is not None:
+        return (), turns
     return _messages(source.get("messages"))
 
 
@@ -129,14 +136,10 @@ def _row(record: Any) -> OutputRow | str:
     history, turns = prompt
     answers: tuple[str, ...] = (output,)
     if len(turns) > 1:
-        outputs = record.get("outputs")
-        if (
-            not isinstance(outputs, list)
-            or len(outputs) != len(turns)
-            or not all(isinstance(o, str) for o in outputs)
-        ):
+        outputs = _strings(record.get("outputs"))
+        if outputs is None or len(outputs) != len(turns):
             return "several turns without one answer per turn (outputs)"
-        answers = tuple(outputs)
+        answers = outputs
     raw_id = record.get("id")
     row_id = str(raw_id) if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
     generator = record.get("generator")
@@ -163,33 +166,25 @@ class Matching:
     by: Literal["id", "instruction"]
     unmatched_a: int
     unmatched_b: int
-    #: Further rows with a key already seen in the same file (the first one is used).
-    duplicates_a: int = 0
-    duplicates_b: int = 0
     #: Items matched by id whose prompts differ between the files.
     prompt_mismatches: int = 0
     #: Matched rows that cannot be compared: the two answered different numbers of turns.
     turn_mismatches: int = 0
 
 
-def _index(rows: tuple[OutputRow, ...], by_id: bool) -> tuple[dict[str, OutputRow], int]:
+def _index(rows: tuple[OutputRow, ...], by_id: bool) -> dict[str, OutputRow]:
+    """The rows by key; of rows with one key, the first is used."""
     index: dict[str, OutputRow] = {}
-    duplicates = 0
     for row in rows:
-        key = row.id if by_id and row.id is not None else row.prompt_key
-        if key in index:
-            duplicates += 1
-        else:
-            index[key] = row
-    return index, duplicates
+        index.setdefault(row.id if by_id and row.id is not None else row.prompt_key, row)
+    return index
 
 
 def match_outputs(a: OutputSet, b: OutputSet) -> Matching:
     """Pair A's rows with B's: by id when every row of both files has one, else by prompt.
     Items follow A's order."""
     by_id = a.has_ids and b.has_ids
-    index_a, duplicates_a = _index(a.rows, by_id)
-    index_b, duplicates_b = _index(b.rows, by_id)
+    index_a, index_b = _index(a.rows, by_id), _index(b.rows, by_id)
     items: list[PairItem] = []
     mismatches = turn_mismatches = 0
     for key, row_a in index_a.items():
@@ -208,8 +203,6 @@ def match_outputs(a: OutputSet, b: OutputSet) -> Matching:
         by="id" if by_id else "instruction",
         unmatched_a=len(index_a) - paired,
         unmatched_b=len(index_b) - paired,
-        duplicates_a=duplicates_a,
-        duplicates_b=duplicates_b,
         prompt_mismatches=mismatches,
         turn_mismatches=turn_mismatches,
     )
@@ -225,12 +218,6 @@ _ANSWER_FORMAT = (
     "expected MT-Bench model answers (one JSON object per line with question_id, model_id "
     "and choices: [{index, turns: [...]}]) or `moa batch` output"
 )
-
-
-def _strings(value: Any) -> tuple[str, ...] | None:
-    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
-        return None
-    return tuple(value)
 
 
 def load_questions(path: Path) -> dict[str, Question]:
@@ -314,10 +301,5 @@ def load_reference_answers(path: Path, questions: dict[str, Question]) -> dict[s
     for answer in answers:
         question = merged.get(answer.question_id)
         if question is not None:
-            merged[answer.question_id] = Question(
-                id=question.id,
-                category=question.category,
-                turns=question.turns,
-                reference=answer.turns,
-            )
+            merged[answer.question_id] = replace(question, reference=answer.turns)
     return merged

@@ -95,7 +95,8 @@ Rating: [[N]]"""
 _ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def _block(label: str, text: str, token: str) -> str:
+def block(label: str, text: str, token: str) -> str:
+    """`text` fenced under `label` with the material's `token`, which no text can forge."""
     return f"<<<{label} {token}>>>\n{escape_fence(text, token)}\n<<<end of {label} {token}>>>"
 
 
@@ -106,8 +107,8 @@ def _transcript(conversation: Sequence[ChatMessage]) -> str:
 def _render_conversation(conversation: Sequence[ChatMessage], token: str) -> str:
     """The conversation as one fenced block; a lone user message is shown as the request."""
     if len(conversation) == 1 and conversation[0]["role"] == "user":
-        return _block("user's request", conversation[0]["content"], token)
-    return _block("conversation", _transcript(conversation), token)
+        return block("user's request", conversation[0]["content"], token)
+    return block("conversation", _transcript(conversation), token)
 
 
 def _exchange(turns: Sequence[str], answers: Sequence[str]) -> list[ChatMessage]:
@@ -141,17 +142,17 @@ def pairwise_messages(
     if len(turns) == 1:
         parts = [
             _render_conversation([*history, users[0]], token),
-            _block("Response A", first[0], token),
-            _block("Response B", second[0], token),
+            block("Response A", first[0], token),
+            block("Response B", second[0], token),
         ]
     else:
-        parts = [_block("conversation so far", _transcript(history), token)] if history else []
+        parts = [block("conversation so far", _transcript(history), token)] if history else []
         parts += [
             f"The user sent {len(turns)} messages in turn. Each response below is one "
             "assistant's whole side of that exchange, the user's messages included; judge each "
             "assistant over the whole exchange.",
-            _block("Response A", _transcript(_exchange(turns, first)), token),
-            _block("Response B", _transcript(_exchange(turns, second)), token),
+            block("Response A", _transcript(_exchange(turns, first)), token),
+            block("Response B", _transcript(_exchange(turns, second)), token),
         ]
     parts.append(
         "Which response serves the user better? Give your reasons, then your verdict on "
@@ -176,10 +177,7 @@ def grading_messages(
     """
     if not 1 <= turn <= min(len(questions), len(answers)):
         raise ValueError(f"turn {turn} is outside the conversation")
-    material: list[ChatMessage] = []
-    for number in range(turn):
-        material.append({"role": "user", "content": questions[number]})
-        material.append({"role": "assistant", "content": answers[number]})
+    material = _exchange(questions[:turn], answers[:turn])
     shown_references = [
         (number + 1, ref)
         for number, ref in enumerate(references[:turn])
@@ -188,10 +186,10 @@ def grading_messages(
     token = fence_token(material, [ref for _, ref in shown_references])
     parts: list[str] = []
     for number in range(turn):
-        parts.append(_block(f"user's message {number + 1}", questions[number], token))
-        parts.append(_block(f"assistant's reply {number + 1}", answers[number], token))
+        parts.append(block(f"user's message {number + 1}", questions[number], token))
+        parts.append(block(f"assistant's reply {number + 1}", answers[number], token))
     for number, reference in shown_references:
-        parts.append(_block(f"reference answer to message {number}", reference, token))
+        parts.append(block(f"reference answer to message {number}", reference, token))
     if turn == 1:
         ask = "Grade the assistant's reply 1."
     else:
@@ -264,15 +262,11 @@ _GRADE_WORDED = re.compile(
 _GRADE_FRACTION = re.compile(_NUMBER + r"\s*(?:/|out\s+of)\s*10\b", re.IGNORECASE)
 
 
-def _visible(text: str) -> str:
+def visible_text(text: str) -> str:
+    """A judge's reply without its thinking: the part whose verdict counts."""
     text = _THINK_BLOCK.sub("", text)
     unclosed = _THINK_OPEN.search(text)
     return text[: unclosed.start()] if unclosed else text
-
-
-#: Public names for the other evaluations' prompts and parsers.
-block = _block
-visible_text = _visible
 
 
 def _pair_choice(word: str) -> PairChoice:
@@ -289,7 +283,7 @@ def parse_pair_verdict(text: str) -> ParsedVerdict:
     then gives its verdict is read right; a line offering several different markers is
     ambiguous. Without markers, a "Verdict: B" phrase or a bare "B" reply is accepted.
     """
-    visible = _visible(text)
+    visible = visible_text(text)
     if not visible.strip():
         return ParsedVerdict(None, "empty reply")
     for line in reversed(visible.splitlines()):
@@ -321,7 +315,7 @@ def parse_grade(text: str) -> ParsedGrade:
     ambiguous. Fallbacks, in order: "Rating: 7" / "Score: 7/10", then "7/10" or "7 out of 10",
     then a reply that is only a number. Anything else, and any grade outside 1-10, is unparseable.
     """
-    visible = _visible(text)
+    visible = visible_text(text)
     if not visible.strip():
         return ParsedGrade(None, "empty reply")
     for line in reversed(visible.splitlines()):

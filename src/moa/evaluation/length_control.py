@@ -99,13 +99,17 @@ def _inverse(matrix: list[list[float]]) -> list[list[float]]:
     return [[columns[j][i] for j in range(n)] for i in range(n)]
 
 
+def _product(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
+    n = len(a)
+    return [[sum(a[i][k] * b[k][j] for k in range(n)) for j in range(n)] for i in range(n)]
+
+
 def fit_length_controlled(verdicts: Sequence[Verdict]) -> LengthControlled | None:
     """Fit the model by Newton's method; None when there is nothing to fit."""
     if not verdicts:
         return None
     differences = [v.length_difference for v in verdicts]
-    scale = statistics.pstdev(differences) if len(differences) > 1 else 0.0
-    scale = scale or 1.0
+    scale = statistics.pstdev(differences) or 1.0
     rows = [
         ([1.0, math.tanh(v.length_difference / scale), v.position], v.score, v.item)
         for v in verdicts
@@ -139,12 +143,7 @@ def fit_length_controlled(verdicts: Sequence[Verdict]) -> LengthControlled | Non
     if len(per_item) > 1:
         meat = [[sum(g[i] * g[j] for g in per_item.values()) for j in range(3)] for i in range(3)]
         bread = _inverse(hessian)
-        middle = [
-            [sum(bread[i][k] * meat[k][j] for k in range(3)) for j in range(3)] for i in range(3)
-        ]
-        covariance = [
-            [sum(middle[i][k] * bread[k][j] for k in range(3)) for j in range(3)] for i in range(3)
-        ]
+        covariance = _product(_product(bread, meat), bread)
         clusters = len(per_item)
         variance = covariance[0][0] * clusters / (clusters - 1)
         error = win * (1 - win) * math.sqrt(max(variance, 0.0))

@@ -169,14 +169,11 @@ class ModelSummary:
 
 
 def _scores(grades: Sequence[TurnGrade], name: str, turns: int) -> CategoryScores:
-    read = [g for g in grades if g.score is not None]
+    read = [(g.turn, g.score) for g in grades if g.score is not None]
     return CategoryScores(
         category=name,
-        turns=tuple(
-            Score.of([g.score for g in read if g.turn == t and g.score is not None])
-            for t in range(1, turns + 1)
-        ),
-        all_turns=Score.of([g.score for g in read if g.score is not None]),
+        turns=tuple(Score.of([s for t, s in read if t == turn]) for turn in range(1, turns + 1)),
+        all_turns=Score.of([s for _, s in read]),
     )
 
 

@@ -196,14 +196,12 @@ async def _judge_order(judge: Judge, item: PairItem, order: Order) -> OrderJudgm
 async def _judge_item(
     judge: Judge, item: PairItem, on_done: Callable[[int], None] | None
 ) -> ItemResult:
-    if item.identical:
-        if on_done is not None:
-            on_done(2)
-        return ItemResult(item)
-    judgments = await asyncio.gather(*(_judge_order(judge, item, o) for o in ORDERS))
+    judgments: tuple[OrderJudgment, ...] = ()
+    if not item.identical:  # a tie without asking the judge
+        judgments = tuple(await asyncio.gather(*(_judge_order(judge, item, o) for o in ORDERS)))
     if on_done is not None:
         on_done(2)
-    return ItemResult(item, tuple(judgments))
+    return ItemResult(item, judgments)
 
 
 async def judge_pairs(
