@@ -131,9 +131,10 @@ def run_in_process(
     config_path: Path, source: Path, output: Path, args: argparse.Namespace
 ) -> Measured:
     """The batch machinery of `moa batch` in this process, over SleepingProvider."""
+    from moa.batch.distributed import RowLedger
     from moa.batch.progress import BatchStats, PlainProgress
     from moa.batch.rows import load_rows
-    from moa.batch.runner import run_batch as run_rows
+    from moa.batch.runner import RowWorker, run_batch
     from moa.batch.store import OutputStore
     from moa.config import load_config
     from moa.engine import MoA
@@ -151,20 +152,18 @@ def run_in_process(
         )
         if cache is not None:
             provider = CachedProvider(provider, cache, base_url="in-process")
-        moa = MoA(pipeline, {"fake": provider}, name="bench")
+        worker = RowWorker(MoA(pipeline, {"fake": provider}, name="bench"), "bench", cache)
         store = OutputStore.open(output)
         stats = BatchStats(total=len(rows))
         progress = PlainProgress(sys.stderr, interval=5)
         progress.start(stats)
         try:
-            await run_rows(
-                moa, rows, store, stats, progress, concurrency=args.concurrency, generator="bench"
-            )
+            ledger = RowLedger(rows, store, stats, progress)
+            await run_batch(worker, ledger, concurrency=args.concurrency)
         finally:
             progress.finish(stats)
             await store.aclose()
-            if cache is not None:
-                cache.close()
+            await worker.aclose()
 
     started = time.perf_counter()
     asyncio.run(go())

@@ -1,8 +1,8 @@
-"""What every multi-process engine of `moa batch` shares: the job, the worker, the ledger.
+"""What every engine of `moa batch` shares: the job and the ledger (in one process too).
 
     driver (one process)                              workers (processes or Ray actors)
-    RowLedger: rows waiting / held by each worker ─► RowWorker.run(row): the pipeline, the
-      the one OutputStore writer, stats, progress ◄─   shared cache, SharedLimitsProvider
+    RowLedger: rows waiting / held by each worker ─► RowWorker.run(row) (moa.batch.runner): the
+      the one OutputStore writer, stats, progress ◄─   pipeline, shared cache, SharedLimitsProvider
     Gatekeeper: every provider's limits         ◄──── admit / finish per upstream call
 
 Exactly-once: only the driver writes, a row is written when its first result arrives and
@@ -22,15 +22,13 @@ from typing import Any
 
 from moa.batch.progress import BatchStats, ProgressView
 from moa.batch.rows import Row
-from moa.batch.shared_limits import Admit, Finish, shared_limits
 from moa.batch.store import OutputStore
 from moa.config import ConfigFile
-from moa.env import Environment
 from moa.pricing import Cost
-from moa.providers.cache import CacheStats, CallCache
+from moa.providers.cache import CacheStats
 from moa.results import Usage
 
-__all__ = ["Job", "RowDone", "RowLedger", "RowWorker"]
+__all__ = ["Job", "RowDone", "RowLedger"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +37,12 @@ class Job:
 
     config: ConfigFile
     pipeline: str | None
-    #: Environment variables the workers see: the driver's (with the .env file applied).
+    #: The API keys the providers name, from the driver's environment (its .env file applied):
+    #: all a worker sees of it.
     env: dict[str, str]
     generator: str
     cache_path: Path | None
-    #: Rows run at once in each worker.
+    #: Rows run at once in each worker (in the one worker of a single-process run: all of them).
     concurrency: int
 
 
@@ -58,42 +57,6 @@ class RowDone:
     cost: Cost
     #: The worker's cache counters so far (its totals, not a delta).
     cache: tuple[int, int, int] | None = None
-
-
-class RowWorker:
-    """Runs rows of a Job in one process: the pipeline, the shared cache, shared limits."""
-
-    def __init__(self, job: Job, admit: Admit, finish: Finish) -> None:
-        from moa.batch.runner import pipeline_fingerprint
-        from moa.engine import MoA
-
-        self.job = job
-        self.cache = CallCache(job.cache_path) if job.cache_path is not None else None
-        self.moa = MoA.from_config(
-            job.config,
-            job.pipeline,
-            env=Environment(job.env),
-            name=job.generator,
-            cache=self.cache,
-            limits=shared_limits(admit, finish),
-        )
-        self.pipeline_id = pipeline_fingerprint(self.moa.pipeline)
-
-    async def run(self, index: int, row: Row) -> RowDone:
-        from moa.batch.runner import row_record, run_row
-
-        outcome = await run_row(self.moa, row)
-        record = row_record(
-            outcome, generator=self.job.generator, pipeline_id=self.pipeline_id, moa=self.moa
-        )
-        stats = self.cache.stats if self.cache is not None else None
-        counters = (stats.hits, stats.misses, stats.writes) if stats is not None else None
-        return RowDone(index, record, outcome.ok, outcome.usage, outcome.cost, counters)
-
-    async def aclose(self) -> None:
-        await self.moa.aclose()
-        if self.cache is not None:
-            self.cache.close()
 
 
 @dataclass
@@ -157,9 +120,7 @@ class RowLedger:
         return True
 
     def lost(self, worker: str) -> int:
-        """A worker died: its rows go back to the front of the queue. Returns how many."""
-        rows = sorted(self.held.pop(worker, set()))
-        unwritten = [i for i in rows if i not in self.written]
-        self.waiting.extendleft(reversed(unwritten))
-        self.requeued += len(unwritten)
-        return len(unwritten)
+        """A worker died: its rows go back to the front of the queue, in their order. Returns
+        how many."""
+        held = sorted(self.held.get(worker, ()), reverse=True)
+        return sum(self.give_back(worker, index) for index in held)

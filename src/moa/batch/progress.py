@@ -7,7 +7,10 @@ calls on a terminal (`CountBar`), nothing elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
@@ -33,6 +36,7 @@ __all__ = [
     "TerminalProgress",
     "make_progress",
     "progress_bar",
+    "showing_progress",
 ]
 
 
@@ -149,7 +153,7 @@ class CountBar:
         self._bar.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, *_: object) -> None:
         self._bar.stop()
 
     def started(self, total: int) -> None:
@@ -241,3 +245,17 @@ def make_progress(stream: TextIO, *, interval: float = 10.0) -> ProgressView:
     if stream.isatty():
         return TerminalProgress(Console(file=stream))
     return PlainProgress(stream, interval)
+
+
+@contextlib.contextmanager
+def showing_progress(stats: BatchStats, *, interval: float) -> Iterator[ProgressView]:
+    """The progress of a run on stderr, from its start to its end, or to where it stopped."""
+    progress = make_progress(sys.stderr, interval=interval)
+    progress.start(stats)
+    completed = False
+    try:
+        yield progress
+        completed = True
+        stats.ended = time.monotonic()
+    finally:
+        progress.finish(stats, completed=completed)

@@ -21,14 +21,13 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from moa.batch.distributed import Job, RowDone, RowLedger, RowWorker
-from moa.batch.progress import BatchStats, ProgressView
+from moa.batch.distributed import Job, RowDone, RowLedger
 from moa.batch.rows import Row
-from moa.batch.shared_limits import Gatekeeper, Limits, limited_providers
-from moa.batch.store import OutputStore
+from moa.batch.runner import RowWorker
+from moa.batch.shared_limits import Gatekeeper, Limits, limited_providers, shared_limits
 from moa.errors import MissingExtraError, WorkersFailed
 
 __all__ = ["GateActor", "RowActor", "require_ray", "run_on_ray"]
@@ -76,7 +75,7 @@ class RowActor:
         self.gate = gate
         self.incarnation = f"{name}/{uuid.uuid4().hex[:8]}"
         require_ray().get(gate.register.remote(name, self.incarnation))
-        self.worker = RowWorker(job, self._admit, self._finish)
+        self.worker = RowWorker.for_job(job, shared_limits(self._admit, self._finish))
 
     async def _admit(self, provider: str, tokens: int) -> int:
         lease: int = await self.gate.admit.remote(self.incarnation, provider, tokens)
@@ -94,17 +93,8 @@ class RowActor:
         return os.getpid()
 
 
-async def run_on_ray(
-    job: Job,
-    rows: Sequence[Row],
-    store: OutputStore,
-    stats: BatchStats,
-    progress: ProgressView,
-    *,
-    workers: int,
-    address: str | None,
-) -> RowLedger:
-    """Run every row not finished in `store` on `workers` Ray actors; returns the ledger."""
+async def run_on_ray(job: Job, ledger: RowLedger, *, workers: int, address: str | None) -> None:
+    """Run every row waiting in `ledger` on `workers` Ray actors."""
     ray = require_ray()
     from ray.exceptions import RayActorError
 
@@ -124,7 +114,6 @@ async def run_on_ray(
     gate: Any = None
     running: dict[asyncio.Future[Any], tuple[str, int]] = {}
     try:
-        ledger = RowLedger(rows, store, stats, progress)
         gate = ray.remote(num_cpus=0, max_concurrency=100_000)(GateActor).remote(
             limited_providers(job.config.providers)
         )
@@ -153,7 +142,9 @@ async def run_on_ray(
                 index = ledger.take(name)
                 if index is None:
                     return
-                future = asyncio.wrap_future(actors[name].run.remote(index, rows[index]).future())
+                future = asyncio.wrap_future(
+                    actors[name].run.remote(index, ledger.rows[index]).future()
+                )
                 running[future] = (name, index)
 
         while running or ledger.waiting:
@@ -183,7 +174,6 @@ async def run_on_ray(
                     raise error
         if not ledger.finished:
             raise WorkersFailed("the Ray workers stopped before every row was run")
-        return ledger
     finally:
         for future in running:  # calls of a failed run: their outcome no longer matters
             future.cancel()

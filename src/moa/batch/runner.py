@@ -1,10 +1,11 @@
-"""Running a batch: rows concurrently through one MoA pipeline, each result saved as it ends.
+"""Running rows through one MoA pipeline in one process, each result saved as it ends.
 
-`concurrency` rows run at once (each row's agents run concurrently inside it); the limits on
-upstream calls are the providers' own (max_concurrency, rpm, tpm), shared by all rows. Rows are
-handed out from one iterator to a fixed set of workers, so a 100k-row input never becomes 100k
-pending tasks. A row that fails is saved with its error and its partial results; only a
-failure to write the output stops the batch.
+`RowWorker` runs a row and makes its output line, wherever it runs: here (`run_batch`, with
+`concurrency` rows at once, each row's agents concurrently inside it) or in a worker process or
+Ray actor. The limits on upstream calls are the providers' own (max_concurrency, rpm, tpm),
+shared by all rows. Rows are handed out from the ledger's one queue to a fixed set of tasks, so
+a 100k-row input never becomes 100k pending tasks. A row that fails is saved with its error and
+its partial results; only a failure to write the output stops the batch.
 """
 
 from __future__ import annotations
@@ -13,24 +14,28 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from moa.batch.progress import BatchStats, ProgressView
+from moa.batch.distributed import Job, RowDone, RowLedger
 from moa.batch.rows import Row
-from moa.batch.store import OutputStore
 from moa.config import Pipeline
 from moa.engine import MoA
+from moa.env import Environment
 from moa.errors import InvalidRequest, RunError
 from moa.pricing import Cost, agent_cost, run_cost
+from moa.providers import Limiter, local_limits
 from moa.providers.base import ChatMessage
+from moa.providers.cache import CallCache
 from moa.results import RunResult, Usage
 
-__all__ = ["RowOutcome", "pipeline_fingerprint", "run_batch", "run_row"]
+__all__ = ["RowOutcome", "RowWorker", "pipeline_fingerprint", "run_batch", "run_row"]
 
 log = logging.getLogger("moa.batch")
+
+#: The ledger's name for the one worker of a run in this process.
+_HERE = "this-process"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,18 +95,13 @@ async def run_row(moa: MoA, row: Row) -> RowOutcome:
             break
         runs.append(result)
         conversation.append({"role": "assistant", "content": result.output})
-    usage = Usage()
-    cost = Cost()
-    for run in runs:
-        usage = usage + run.usage
-        cost = cost + run_cost(moa.provider_configs, run)
     return RowOutcome(
         row=row,
         ok=error is None,
         runs=tuple(runs),
         error=error,
-        usage=usage,
-        cost=cost,
+        usage=sum((run.usage for run in runs), Usage()),
+        cost=sum((run_cost(moa.provider_configs, run) for run in runs), Cost()),
         latency_s=time.monotonic() - started,
     )
 
@@ -142,35 +142,63 @@ def _run_details(run: RunResult, moa: MoA) -> dict[str, Any]:
     return details
 
 
-async def run_batch(
-    moa: MoA,
-    rows: Sequence[Row],
-    store: OutputStore,
-    stats: BatchStats,
-    progress: ProgressView,
-    *,
-    concurrency: int,
-    generator: str,
-) -> BatchStats:
-    """Run every row not finished in `store`; returns `stats`, updated as rows finished."""
-    pending = iter([row for row in rows if row.key not in store.finished])
-    stats.started = time.monotonic()  # the rate counts rows, not the set-up before them
-    pipeline_id = pipeline_fingerprint(moa.pipeline)
+class RowWorker:
+    """Runs rows through one pipeline, each to its output line and the figures for stats."""
 
-    async def worker() -> None:
-        for row in pending:  # one shared iterator: each row goes to exactly one worker
-            outcome = await run_row(moa, row)
-            record = row_record(outcome, generator=generator, pipeline_id=pipeline_id, moa=moa)
-            await store.append(record)
-            stats.count(outcome.ok, outcome.usage, outcome.cost)
-            progress.update(stats)
+    def __init__(self, moa: MoA, generator: str, cache: CallCache | None = None) -> None:
+        self.moa = moa
+        self.generator = generator
+        #: Closed with the worker; its counters go back with every row.
+        self.cache = cache
+        self.pipeline_id = pipeline_fingerprint(moa.pipeline)
+
+    @classmethod
+    def for_job(cls, job: Job, limits: Limiter = local_limits) -> RowWorker:
+        """The pipeline of `job`, its cache opened here, its calls admitted by `limits` (this
+        process's own, or a Gatekeeper's shared by every worker)."""
+        cache = CallCache(job.cache_path) if job.cache_path is not None else None
+        try:
+            moa = MoA.from_config(
+                job.config,
+                job.pipeline,
+                env=Environment(job.env),
+                name=job.generator,
+                cache=cache,
+                limits=limits,
+            )
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            raise
+        return cls(moa, job.generator, cache)
+
+    async def run(self, index: int, row: Row) -> RowDone:
+        outcome = await run_row(self.moa, row)
+        record = row_record(
+            outcome, generator=self.generator, pipeline_id=self.pipeline_id, moa=self.moa
+        )
+        stats = self.cache.stats if self.cache is not None else None
+        counters = (stats.hits, stats.misses, stats.writes) if stats is not None else None
+        return RowDone(index, record, outcome.ok, outcome.usage, outcome.cost, counters)
+
+    async def aclose(self) -> None:
+        await self.moa.aclose()
+        if self.cache is not None:
+            self.cache.close()
+
+
+async def run_batch(worker: RowWorker, ledger: RowLedger, *, concurrency: int) -> None:
+    """Run every row waiting in `ledger` in this process, `concurrency` at once."""
+
+    async def work() -> None:
+        # One shared queue: each row goes to exactly one task.
+        while (index := ledger.take(_HERE)) is not None:
+            await ledger.done(_HERE, await worker.run(index, ledger.rows[index]))
 
     try:
         async with asyncio.TaskGroup() as group:
-            for _ in range(max(1, min(concurrency, stats.to_run))):
-                group.create_task(worker())
+            for _ in range(max(1, min(concurrency, len(ledger.waiting)))):
+                group.create_task(work())
     except BaseExceptionGroup as failures:
         # Only a failure to save a row ends up here; report it as itself, not as a group.
         raise failures.exceptions[0] from None
-    stats.ended = time.monotonic()
-    return stats

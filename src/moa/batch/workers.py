@@ -2,7 +2,7 @@
 
 The driver (the `moa batch` process) keeps the RowLedger and the Gatekeeper and listens on a
 Unix socket in a private temporary directory; each worker process connects, builds the
-pipeline (moa.batch.distributed.RowWorker) and runs the rows the driver hands it, at most
+pipeline (moa.batch.runner.RowWorker) and runs the rows the driver hands it, at most
 `concurrency` at once. Messages are length-prefixed pickles of tuples:
 
     driver → worker   ("row", index)  ("lease", call, lease)  ("stop",)
@@ -25,15 +25,13 @@ import pickle
 import shutil
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from moa.batch.distributed import Job, RowDone, RowLedger, RowWorker
-from moa.batch.progress import BatchStats, ProgressView
-from moa.batch.rows import Row
-from moa.batch.shared_limits import Gatekeeper, limited_providers
-from moa.batch.store import OutputStore
+from moa.batch.distributed import Job, RowDone, RowLedger
+from moa.batch.runner import RowWorker
+from moa.batch.shared_limits import Gatekeeper, limited_providers, shared_limits
 from moa.errors import ConfigError, MoAError, WorkersFailed
 
 __all__ = ["run_with_workers"]
@@ -41,10 +39,17 @@ __all__ = ["run_with_workers"]
 _HEADER = struct.Struct("!I")
 
 
-async def _send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(data)) + data)
-    await writer.drain()
+def _sender(writer: asyncio.StreamWriter) -> Callable[[tuple[Any, ...]], Awaitable[None]]:
+    """Sends messages on `writer`, one at a time (tasks of both sides send concurrently)."""
+    lock = asyncio.Lock()
+
+    async def send(message: tuple[Any, ...]) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        async with lock:
+            writer.write(_HEADER.pack(len(data)) + data)
+            await writer.drain()
+
+    return send
 
 
 async def _receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
@@ -60,18 +65,8 @@ async def _receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
 # --- the driver -------------------------------------------------------------------------------
 
 
-async def run_with_workers(
-    job: Job,
-    input_path: Path,
-    rows: Sequence[Row],
-    store: OutputStore,
-    stats: BatchStats,
-    progress: ProgressView,
-    *,
-    workers: int,
-) -> RowLedger:
-    """Run every row not finished in `store` in `workers` processes; returns the ledger."""
-    ledger = RowLedger(rows, store, stats, progress)
+async def run_with_workers(job: Job, input_path: Path, ledger: RowLedger, *, workers: int) -> None:
+    """Run every row waiting in `ledger` in `workers` processes."""
     gatekeeper = Gatekeeper(limited_providers(job.config.providers))
     directory = tempfile.mkdtemp(prefix="moa-batch-")  # mode 0700: only we can connect
     socket_path = os.path.join(directory, "driver.sock")
@@ -99,11 +94,7 @@ async def run_with_workers(
         hello = await _receive(reader)
         worker = f"pid-{hello[1]}" if hello and hello[0] == "hello" else f"conn-{id(writer)}"
         calls: set[asyncio.Task[None]] = set()
-        send_lock = asyncio.Lock()
-
-        async def send(message: tuple[Any, ...]) -> None:
-            async with send_lock:
-                await _send(writer, message)
+        send = _sender(writer)
 
         async def hand_out() -> None:
             while len(ledger.held.get(worker, ())) < job.concurrency:
@@ -195,7 +186,6 @@ async def run_with_workers(
                 process.terminate()
                 await asyncio.to_thread(process.join, 5)
         shutil.rmtree(directory, ignore_errors=True)
-    return ledger
 
 
 # --- a worker process ---------------------------------------------------------------------------
@@ -210,12 +200,7 @@ async def _worker(job: Job, input_path: Path, socket_path: str) -> None:
     from moa.batch.rows import load_rows
 
     reader, writer = await asyncio.open_unix_connection(socket_path)
-    send_lock = asyncio.Lock()
-
-    async def send(message: tuple[Any, ...]) -> None:
-        async with send_lock:
-            await _send(writer, message)
-
+    send = _sender(writer)
     await send(("hello", os.getpid()))
     waiting: dict[int, asyncio.Future[int]] = {}
     calls = iter(range(1, 1 << 62))
@@ -237,7 +222,7 @@ async def _worker(job: Job, input_path: Path, socket_path: str) -> None:
     pending: set[asyncio.Future[None]] = set()
     try:
         rows = load_rows(input_path)
-        runner = RowWorker(job, admit, finish)
+        runner = RowWorker.for_job(job, shared_limits(admit, finish))
     except MoAError as error:
         await send(("fatal", f"config: {error}"))
         return

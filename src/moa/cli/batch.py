@@ -11,13 +11,13 @@ the call cache the retried rows' proposers that already answered are not called 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sys
+import math
 from pathlib import Path
 from typing import Literal
 
 import click
 
+from moa.batch.distributed import Job, RowLedger
 from moa.batch.export import (
     ExportFormat,
     check_export_path,
@@ -25,11 +25,10 @@ from moa.batch.export import (
     default_export_path,
     export,
 )
-from moa.batch.progress import BatchStats, make_progress
+from moa.batch.progress import BatchStats, showing_progress
 from moa.batch.rows import Row, load_rows
-from moa.batch.runner import pipeline_fingerprint, run_batch
+from moa.batch.runner import RowWorker, pipeline_fingerprint, run_batch
 from moa.batch.store import OutputStore
-from moa.cli.batch_scale import Engine, run_scaled
 from moa.cli.options import (
     FILE,
     cache_file,
@@ -38,12 +37,13 @@ from moa.cli.options import (
     load_selected,
     pipeline_options,
 )
-from moa.config import ConfigFile
 from moa.engine import MoA
+from moa.env import Environment
 from moa.errors import BatchIncomplete, ConfigError
-from moa.providers.cache import CallCache
 
 __all__ = ["command"]
+
+Engine = Literal["local", "ray"]
 
 
 @click.command()
@@ -146,7 +146,6 @@ def command(
     if export_path is not None and export_format == "jsonl":
         raise click.UsageError("--export needs --format alpaca_eval, mt_bench or flask")
     config, selected = load_selected(config_path, preset)
-    generator = generator or pipeline or (config_path.stem if config_path else selected)
     rows = load_rows(input_path)
     fmt: ExportFormat | None = None if export_format == "jsonl" else export_format
     if fmt is not None:
@@ -157,24 +156,33 @@ def command(
         check_export_path(export_path)
     if ray_address is not None and engine != "ray":
         raise click.UsageError("--ray-address needs --engine ray")
-    scale = None if workers == 1 and engine == "local" else (workers, engine, ray_address)
-
+    env = environment(config, env_file)
+    job = Job(
+        config=config,
+        pipeline=pipeline,
+        env={
+            name: value
+            for p in config.providers.values()
+            for name in p.env_names()
+            if (value := env.get(name)) is not None
+        },
+        generator=generator or pipeline or (config_path.stem if config_path else selected),
+        cache_path=cache,
+        concurrency=math.ceil(concurrency / workers),
+    )
     stats = asyncio.run(
         _run(
+            job,
             rows,
+            input_path,
             output_path,
-            config=config,
-            pipeline=pipeline,
-            env_file=env_file,
-            concurrency=concurrency,
-            generator=generator,
             keep_other_pipelines=keep_other_pipelines,
-            cache_path=cache,
             progress_interval=progress_interval,
             fmt=fmt,
             export_path=export_path,
-            scale=scale,
-            input_path=input_path,
+            workers=workers,
+            engine=engine,
+            ray_address=ray_address,
         )
     )
     unfinished = stats.total - stats.skipped - stats.succeeded
@@ -186,23 +194,20 @@ def command(
 
 
 async def _run(
+    job: Job,
     rows: list[Row],
+    input_path: Path,
     output_path: Path,
     *,
-    config: ConfigFile,
-    pipeline: str | None,
-    env_file: Path | None,
-    concurrency: int,
-    generator: str,
     keep_other_pipelines: bool,
-    cache_path: Path | None,
     progress_interval: float,
     fmt: ExportFormat | None,
     export_path: Path | None,
-    scale: tuple[int, Engine, str | None] | None = None,
-    input_path: Path | None = None,
+    workers: int,
+    engine: Engine,
+    ray_address: str | None,
 ) -> BatchStats:
-    fingerprint = pipeline_fingerprint(config.resolve(pipeline))
+    fingerprint = pipeline_fingerprint(job.config.resolve(job.pipeline))
     store = OutputStore.open(output_path)
     try:
         # Checked whether or not rows are pending: a rerun whose rows are all finished would
@@ -213,41 +218,24 @@ async def _run(
             click.echo(
                 f"batch: all {stats.total} rows are already finished in {output_path}", err=True
             )
-        elif scale is not None and input_path is not None:
-            await run_scaled(
-                rows,
-                input_path,
-                store,
-                stats,
-                config=config,
-                pipeline=pipeline,
-                env=environment(config, env_file),
-                concurrency=concurrency,
-                generator=generator,
-                cache_path=cache_path,
-                progress_interval=progress_interval,
-                workers=scale[0],
-                engine=scale[1],
-                ray_address=scale[2],
-            )
+        elif workers == 1 and engine == "local":
+            # Built before the progress starts: a bad key is one line, not a stopped bar.
+            worker = RowWorker.for_job(job)
+            try:
+                with showing_progress(stats, interval=progress_interval) as progress:
+                    ledger = RowLedger(rows, store, stats, progress)
+                    await run_batch(worker, ledger, concurrency=job.concurrency)
+            finally:
+                await worker.aclose()
         else:
-            await _run_pending(
-                rows,
-                store,
-                stats,
-                config=config,
-                pipeline=pipeline,
-                env_file=env_file,
-                concurrency=concurrency,
-                generator=generator,
-                cache_path=cache_path,
-                progress_interval=progress_interval,
+            await _run_scaled(
+                job, rows, input_path, store, stats, progress_interval, workers, engine, ray_address
             )
     finally:
         await store.aclose()
     if fmt is not None and export_path is not None:
         summary = export(
-            fmt, export_path, rows, store.records(), generator=generator, pipeline=fingerprint
+            fmt, export_path, rows, store.records(), generator=job.generator, pipeline=fingerprint
         )
         incomplete = (
             f" ({summary.missing} rows without an answer left out)" if summary.missing else ""
@@ -258,35 +246,39 @@ async def _run(
     return stats
 
 
-async def _run_pending(
+async def _run_scaled(
+    job: Job,
     rows: list[Row],
+    input_path: Path,
     store: OutputStore,
     stats: BatchStats,
-    *,
-    config: ConfigFile,
-    pipeline: str | None,
-    env_file: Path | None,
-    concurrency: int,
-    generator: str,
-    cache_path: Path | None,
     progress_interval: float,
+    workers: int,
+    engine: Engine,
+    ray_address: str | None,
 ) -> None:
-    env = environment(config, env_file)
-    cache = CallCache(cache_path) if cache_path is not None else None
-    with cache if cache is not None else contextlib.nullcontext():
-        moa = MoA.from_config(config, pipeline, env=env, name=generator, cache=cache)
-        stats.cache = cache.stats if cache is not None else None
-        progress = make_progress(sys.stderr, interval=progress_interval)
-        progress.start(stats)
-        completed = False
-        try:
-            async with moa:
-                await run_batch(
-                    moa, rows, store, stats, progress, concurrency=concurrency, generator=generator
-                )
-            completed = True
-        finally:
-            progress.finish(stats, completed=completed)
+    """--workers N / --engine ray: this process hands out the rows and writes the output.
+    Everything that can be checked is checked here first (the extra, the keys, the pipeline),
+    so a bad config is one clear line from the driver, not N from the workers."""
+    if engine == "ray":
+        from moa.batch.ray_engine import require_ray
+
+        require_ray()
+    await MoA.from_config(job.config, job.pipeline, env=Environment(job.env)).aclose()
+    with showing_progress(stats, interval=progress_interval) as progress:
+        ledger = RowLedger(rows, store, stats, progress)
+        if engine == "ray":
+            from moa.batch.ray_engine import run_on_ray
+
+            await run_on_ray(job, ledger, workers=workers, address=ray_address)
+        else:
+            from moa.batch.workers import run_with_workers
+
+            await run_with_workers(job, input_path, ledger, workers=workers)
+    if ledger.requeued:
+        click.echo(
+            f"batch: {ledger.requeued} rows were re-run after their worker stopped", err=True
+        )
 
 
 def _check_other_pipelines(store: OutputStore, fingerprint: str, keep: bool) -> None:
