@@ -6,15 +6,18 @@ the fake OpenAI server upstream."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import httpx2
 import openai
 import pytest
 
-from moa.server import BackgroundServer
+from moa.engine import MoA, open_pipelines
+from moa.results import Event
+from moa.server import BackgroundServer, create_app
 from moa.testing import FakeOpenAIServer, Reply
-from tests.conftest import closed_after_test
+from tests.conftest import ConfigMaker, closed_after_test
 from tests.test_server import (
     CHAT,
     KEY,
@@ -390,3 +393,39 @@ def test_a_transient_failure_stays_retryable(serve: Serve, fake: FakeOpenAIServe
     answer = retrying_client(server).chat.completions.create(**request())
     assert answer.choices[0].message.content == "agg answer 1"  # the SDK's retry succeeded
     assert len(fake.requests_for("agg")) == 2
+
+
+# --- a bug in the server --------------------------------------------------------------------
+
+
+class _BuggyMoA(MoA):
+    """A pipeline whose run raises what no run should (a bug, not a RunError)."""
+
+    async def stream(self, prompt: Any, *args: Any, **kwargs: Any) -> AsyncGenerator[Event, None]:
+        raise ZeroDivisionError("a bug")
+        yield  # pragma: no cover - makes this an async generator
+
+
+@pytest.fixture
+def buggy(make_config: ConfigMaker) -> Iterator[BackgroundServer]:
+    working = open_pipelines(make_config(**NO_RETRY))["moa"]
+    moa = _BuggyMoA(working.pipeline, working.providers, name="moa")
+    with BackgroundServer(create_app({"moa": moa})) as server:
+        yield server
+
+
+def test_a_bug_in_a_run_is_an_internal_error_on_every_endpoint(buggy: BackgroundServer) -> None:
+    """The client learns that the server failed, in its endpoint's format; never a traceback."""
+    internal = {"code": "internal", "message": "internal error: see the server log"}
+    error = assert_openai_error(post(buggy, request()), 500)
+    assert error["code"] == "internal" and error["type"] == "server_error"
+    chat = events(buggy, CHAT, request(stream=True))
+    assert json.loads(chat[-1][1])["error"] == {**internal, "type": "server_error", "param": None}
+    name, data = events(buggy, RESPONSES, {"model": "moa", "input": "Hi", "stream": True})[-1]
+    assert name == "response.failed" and json.loads(data)["response"]["error"] == internal
+    run = json.loads(events(buggy, "/v1/moa/runs", request())[-1][1])
+    assert {k: run[k] for k in ("type", "code", "message", "result")} == {
+        "type": "error",
+        **internal,
+        "result": None,
+    }

@@ -112,6 +112,18 @@ def test_metrics_count_requests_runs_calls_tokens_and_cost(
     assert ("moa_runs_in_flight", (("pipeline", "solo"),)) in samples
 
 
+def test_runs_of_every_endpoint_count(fake: FakeOpenAIServer, serve: Any) -> None:
+    server = serve(metrics=True)
+    client = closed_after_test(
+        openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    )
+    client.responses.create(model="solo", input="a?")
+    client.completions.create(model="solo", prompt="b?")
+    samples = _samples(httpx2.get(f"{server.url}/metrics", timeout=10).text)
+    assert _value(samples, "moa_runs_total", pipeline="solo", outcome="ok") == 2
+    assert _value(samples, "moa_run_duration_seconds_count", pipeline="solo") == 2
+
+
 def test_metrics_need_the_api_key_unless_public(fake: FakeOpenAIServer, serve: Any) -> None:
     guarded = serve(metrics=True, api_keys=[KEY])
     assert httpx2.get(f"{guarded.url}/metrics", timeout=10).status_code == 401

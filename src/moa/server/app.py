@@ -33,11 +33,11 @@ from moa import tracing
 from moa.engine import MoA, close_providers
 from moa.errors import ClientGone
 from moa.server.chat import ChatRun
-from moa.server.completions import completions_endpoint
+from moa.server.completions import CompletionRun
 from moa.server.connections import DEFAULT_BODY_TIMEOUT_S
 from moa.server.cors import cors_middleware
-from moa.server.errors import SERVER_ERROR, ApiError, error_response, json_response
-from moa.server.events import start_run
+from moa.server.errors import ApiError, error_response, internal_error, json_response
+from moa.server.events import EventRun
 from moa.server.guards import (
     ApiKeys,
     GuardMiddleware,
@@ -45,8 +45,8 @@ from moa.server.guards import (
     RunSlots,
     read_body,
 )
-from moa.server.responses import responses_endpoint
-from moa.server.schema import parse_chat_request
+from moa.server.responses import ResponsesRun
+from moa.server.schema import parse_request
 from moa.server.ui import ui_routes
 
 __all__ = [
@@ -139,10 +139,10 @@ def create_app(
         Route("/healthz", _health, methods=["GET"]),
         Route("/v1/models", _list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", _get_model, methods=["GET"]),
-        Route("/v1/chat/completions", _chat_completions, methods=["POST"]),
-        Route("/v1/moa/runs", start_run, methods=["POST"]),
-        Route("/v1/responses", responses_endpoint, methods=["POST"]),
-        Route("/v1/completions", completions_endpoint, methods=["POST"]),
+        _run_route("/v1/chat/completions", ChatRun),
+        _run_route("/v1/moa/runs", EventRun),
+        _run_route("/v1/responses", ResponsesRun),
+        _run_route("/v1/completions", CompletionRun),
         *(ui_routes() if ui else []),
     ]
     middleware = [
@@ -212,17 +212,24 @@ def _model(state: ServerState, name: str) -> dict[str, object]:
     return {"id": name, "object": "model", "created": state.started, "owned_by": "moa"}
 
 
-async def _chat_completions(request: Request) -> Response | ChatRun:
-    state = server_state(request.app)
-    body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
-    chat, messages = parse_chat_request(body)
-    moa = state.pipeline(chat.model).with_answer_settings(chat.answer_settings())
-    if state.metrics is not None:
-        request.state.moa_pipeline = moa.name  # read by MetricsMiddleware
-        moa = state.metrics.observed(moa)
-    slot = state.slots.take()
-    # No await from here on: the slot is released by the run, which starts right away.
-    return ChatRun(moa, messages, chat, slot, heartbeat_s=state.heartbeat_s)
+def _run_route(path: str, run: type[ChatRun]) -> Route:
+    """A POST route that checks the request (`run.request_type`) and answers with a `run`."""
+
+    async def endpoint(request: Request) -> ChatRun:
+        state = server_state(request.app)
+        body = await read_body(
+            request.scope, request.receive, state.max_body_bytes, state.body_timeout
+        )
+        parsed, messages = parse_request(body, run.request_type)
+        moa = state.pipeline(parsed.model).with_answer_settings(parsed.answer_settings())
+        if state.metrics is not None:
+            request.state.moa_pipeline = moa.name  # read by MetricsMiddleware
+            moa = state.metrics.observed(moa)
+        slot = state.slots.take()
+        # No await from here on: the slot is released by the run, which starts right away.
+        return run(moa, messages, parsed, slot, heartbeat_s=state.heartbeat_s)
+
+    return Route(path, endpoint, methods=["POST"])
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -254,6 +261,4 @@ async def _http_error(request: Request, error: Exception) -> Response:
 
 async def _internal_error(request: Request, error: Exception) -> Response:
     # Starlette logs the traceback after this answer is sent.
-    return error_response(
-        ApiError(500, "internal error: see the server log", type=SERVER_ERROR, code="internal")
-    )
+    return error_response(internal_error())

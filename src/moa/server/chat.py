@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -24,16 +24,16 @@ from moa.providers.base import ChatMessage
 from moa.results import Done, RunResult, TextDelta
 from moa.server.errors import (
     INVALID_REQUEST,
-    SERVER_ERROR,
     UPSTREAM_ERROR,
     ApiError,
-    error_body,
     error_response,
+    internal_error,
     json_bytes,
     json_response,
 )
 from moa.server.guards import Slot
-from moa.server.params import RunRequest
+from moa.server.params import ApiRequest
+from moa.server.schema import ChatCompletionRequest
 from moa.server.shutdown import ResponseTracker, answer_cut_short
 
 __all__ = ["ChatRun", "run_error"]
@@ -89,13 +89,21 @@ def _finish_reason(result: RunResult) -> str:
 
 
 class ChatRun:
-    """The response to one accepted chat completion request (an ASGI app)."""
+    """The response to one accepted chat completion request (an ASGI app); the other
+    endpoints' responses are subclasses that write other bodies and events."""
+
+    #: The request body it answers, and the prefix of its id.
+    request_type: type[ApiRequest] = ChatCompletionRequest
+    id_prefix = "chatcmpl-"
+    #: The `object` of a whole answer and of a streamed chunk (legacy completions differ).
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
 
     def __init__(
         self,
         moa: MoA,
         messages: list[ChatMessage],
-        request: RunRequest,
+        request: ApiRequest,
         slot: Slot,
         *,
         heartbeat_s: float,
@@ -105,19 +113,13 @@ class ChatRun:
         self.request = request
         self.slot = slot
         self.heartbeat_s = heartbeat_s
-        self.id = self._new_id()
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
-
-    def _new_id(self) -> str:
-        return f"chatcmpl-{uuid.uuid4().hex}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         tracked = ResponseTracker(send)
         try:
-            work = (
-                self._stream(tracked) if self.request.streamed else self._complete(scope, tracked)
-            )
-            if await run_unless_disconnected(work, receive):
+            if await run_unless_disconnected(self._respond(scope, tracked), receive):
                 log.info("%s: the client hung up; its run was cancelled", self.id)
         except asyncio.CancelledError:
             # Only the server cancels a request (at the end of its shutdown grace period):
@@ -125,6 +127,17 @@ class ChatRun:
             await answer_cut_short(scope, tracked, self.id)
         finally:
             self.slot.release()
+
+    def _respond(self, scope: Scope, send: Send) -> Coroutine[Any, Any, None]:
+        return self._stream(send) if self.request.streamed else self._complete(scope, send)
+
+    def _failure(self, error: Exception) -> ApiError:
+        """What the client is told of a failed run (logged here)."""
+        if isinstance(error, RunError):
+            log.warning("%s (model %s): %s", self.id, self.moa.name, error)
+            return run_error(error, self.moa.name)
+        log.exception("%s (model %s): the run failed", self.id, self.moa.name)
+        return internal_error()
 
     # --- not streamed ---------------------------------------------------------------------
 
@@ -140,15 +153,10 @@ class ChatRun:
                 # as it has this answer must find the slot free.
                 self.slot.release()
         except RunError as error:
-            log.warning("%s (model %s): %s", self.id, self.moa.name, error)
-            response = error_response(run_error(error, self.moa.name))
+            response = error_response(self._failure(error))
         else:
-            response = json_response(self._completion(result), headers=self._headers())
+            response = json_response(self._completion(result), headers={"x-request-id": self.id})
         await response(scope, no_receive, send)
-
-    #: The `object` of a whole answer and of a streamed chunk (legacy completions differ).
-    object_name = "chat.completion"
-    chunk_object_name = "chat.completion.chunk"
 
     def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -178,9 +186,6 @@ class ChatRun:
             "moa": _moa_extension(result),
         }
 
-    def _headers(self) -> dict[str, str]:
-        return {"x-request-id": self.id}
-
     # --- streamed -------------------------------------------------------------------------
 
     async def _stream(self, send: Send) -> None:
@@ -195,40 +200,37 @@ class ChatRun:
         events = EventSender(send)
         keep_alive = asyncio.create_task(events.keep_alive(self.heartbeat_s))
         try:
-            await events.data(self._chunk({"role": "assistant", "content": ""}))
-            result = await self._stream_answer(events)
-            self.slot.release()  # the run is over: see _complete
-            if result is not None:
-                await events.data(self._chunk({}, _finish_reason(result), _moa_extension(result)))
-                if self.request.include_usage:
-                    await events.data(self._usage_chunk(result))
-                await events.raw(b"data: [DONE]\n\n")
+            await self._send_events(events)
+        except Exception as error:
+            # The status line went out long ago: all that is left is to say so in the stream.
+            await self._send_failure(events, error)
         finally:
+            self.slot.release()
             keep_alive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keep_alive
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _stream_answer(self, events: EventSender) -> RunResult | None:
-        """Relay the answer's text; on failure send an error event and return None."""
-        try:
-            async with contextlib.aclosing(self.moa.stream(self.messages)) as stream:
-                async for event in stream:
-                    if isinstance(event, TextDelta):
-                        await events.text(self._chunk({"content": event.text}))
-                    elif isinstance(event, Done):
-                        return event.result
-        except RunError as error:
-            log.warning("%s (model %s): %s", self.id, self.moa.name, error)
-            await events.data(run_error(error, self.moa.name).body())
-            return None
-        except Exception:
-            # The status line went out long ago: all that is left is to say so in the stream.
-            log.exception("%s (model %s): the stream failed", self.id, self.moa.name)
-            await events.data(
-                error_body("internal error: see the server log", SERVER_ERROR, code="internal")
-            )
-            return None
+    async def _send_events(self, events: EventSender) -> None:
+        await events.data(self._chunk({"role": "assistant", "content": ""}))
+        result = await self._relay_text(lambda text: events.text(self._chunk({"content": text})))
+        await events.data(self._chunk({}, _finish_reason(result), _moa_extension(result)))
+        if self.request.include_usage:
+            await events.data(self._usage_chunk(result))
+        await events.raw(b"data: [DONE]\n\n")
+
+    async def _send_failure(self, events: EventSender, error: Exception) -> None:
+        await events.data(self._failure(error).body())
+
+    async def _relay_text(self, relay: Callable[[str], Awaitable[None]]) -> RunResult:
+        """Run the pipeline, relaying the answer's text as it comes; the run's result."""
+        async with contextlib.aclosing(self.moa.stream(self.messages)) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    await relay(event.text)
+                elif isinstance(event, Done):
+                    self.slot.release()  # the run is over: see _complete
+                    return event.result
         raise RuntimeError("the run ended without a result")  # pragma: no cover
 
     def _chunk(
@@ -257,14 +259,19 @@ class EventSender:
         self._lock = asyncio.Lock()
         self._last = time.monotonic()
 
-    async def data(self, payload: Any) -> None:
+    async def data(self, payload: Any, event: str | None = None) -> None:
         """An event built by us (errors, usage, the `moa` object): redacted."""
-        await self.raw(b"data: " + json_bytes(payload) + b"\n\n")
+        await self._event(json_bytes(payload), event)
 
-    async def text(self, payload: Any) -> None:
+    async def text(self, payload: Any, event: str | None = None) -> None:
         """A chunk of answer text: the model's words, sent as they are (and fast)."""
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        await self.raw(f"data: {body}\n\n".encode())
+        await self._event(
+            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), event
+        )
+
+    async def _event(self, body: bytes, name: str | None) -> None:
+        head = b"event: " + name.encode() + b"\n" if name else b""
+        await self.raw(head + b"data: " + body + b"\n\n")
 
     async def raw(self, body: bytes) -> None:
         async with self._lock:

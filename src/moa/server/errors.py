@@ -19,8 +19,8 @@ from moa.errors import ApiError
 
 __all__ = [
     "ApiError",
-    "error_body",
     "error_response",
+    "internal_error",
     "invalid",
     "json_bytes",
     "json_response",
@@ -46,10 +46,9 @@ def error_response(error: ApiError) -> Response:
     return json_response(error.body(), error.status, error.headers)
 
 
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+def internal_error() -> ApiError:
+    """What a client is told of a bug: the details are for the server log only."""
+    return ApiError(500, "internal error: see the server log", type=SERVER_ERROR, code="internal")
 
 
 def json_bytes(payload: Any) -> bytes:

@@ -19,33 +19,21 @@ comments. Closing the connection cancels the run and every upstream call in flig
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import time
-import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any
 
-from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
+from starlette.types import Scope, Send
 
 from moa.engine import MoA
 from moa.errors import RunError
 from moa.pricing import run_cost
-from moa.providers.base import ChatMessage
 from moa.results import AgentTextDelta, Done, TextDelta, event_to_dict
-from moa.server.chat import EventSender, run_error, run_unless_disconnected
-from moa.server.guards import Slot, read_body
-from moa.server.schema import parse_chat_request
-from moa.server.shutdown import ResponseTracker, answer_cut_short
+from moa.server.chat import ChatRun, EventSender
 from moa.strategies import window_chunks
 
-if TYPE_CHECKING:
-    from moa.server.app import ServerState
-
-__all__ = ["EventRun", "pipeline_shape", "start_run"]
-
-log = logging.getLogger("moa.server")
+__all__ = ["EventRun", "pipeline_shape"]
 
 
 def pipeline_shape(moa: MoA) -> dict[str, Any]:
@@ -79,105 +67,38 @@ def _aggregator_calls(moa: MoA) -> int | None:
     return 1
 
 
-async def start_run(request: Request) -> EventRun:
-    """The route: the same checks and limits as a chat completion, then the event stream."""
-    state: ServerState = request.app.state.moa
-    body = await read_body(request.scope, request.receive, state.max_body_bytes, state.body_timeout)
-    chat, messages = parse_chat_request(body)
-    moa = state.pipeline(chat.model).with_answer_settings(chat.answer_settings())
-    if state.metrics is not None:  # the page's runs count like any other
-        moa = state.metrics.observed(moa)
-    slot = state.slots.take()
-    # No await from here on: the slot is released by the run, which starts right away.
-    return EventRun(moa, messages, slot, heartbeat_s=state.heartbeat_s)
+class EventRun(ChatRun):
+    """The response to one accepted run request (an ASGI app): always a stream of events."""
 
+    id_prefix = "run-"
+    _started = 0.0
 
-class EventRun:
-    """The response to one accepted run request (an ASGI app)."""
-
-    def __init__(
-        self, moa: MoA, messages: list[ChatMessage], slot: Slot, *, heartbeat_s: float
-    ) -> None:
-        self.moa = moa
-        self.messages = messages
-        self.slot = slot
-        self.heartbeat_s = heartbeat_s
-        self.id = f"run-{uuid.uuid4().hex}"
-        self._started = time.monotonic()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        tracked = ResponseTracker(send)
-        try:
-            if await run_unless_disconnected(self._stream(tracked), receive):
-                log.info("%s: the client hung up; its run was cancelled", self.id)
-        except asyncio.CancelledError:  # the end of the shutdown grace period: see ChatRun
-            await answer_cut_short(scope, tracked, self.id)
-        finally:
-            self.slot.release()
+    def _respond(self, scope: Scope, send: Send) -> Coroutine[Any, Any, None]:
+        return self._stream(send)
 
     def _stamp(self, payload: dict[str, Any]) -> dict[str, Any]:
         kind = payload.pop("type")
         return {"type": kind, "t": round(time.monotonic() - self._started, 4), **payload}
 
-    async def _stream(self, send: Send) -> None:
-        headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),  # proxies must not hold tokens back
-            (b"x-request-id", self.id.encode()),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        events = EventSender(send)
-        keep_alive = asyncio.create_task(events.keep_alive(self.heartbeat_s))
-        try:
-            self._started = time.monotonic()
-            shape = {"type": "run_started", "id": self.id, **pipeline_shape(self.moa)}
-            await events.data(self._stamp(shape))
-            await self._relay(events)
-        finally:
-            keep_alive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keep_alive
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    async def _send_events(self, events: EventSender) -> None:
+        self._started = time.monotonic()
+        shape = {"type": "run_started", "id": self.id, **pipeline_shape(self.moa)}
+        await events.data(self._stamp(shape))
+        async with contextlib.aclosing(self.moa.stream(self.messages, agent_text=True)) as stream:
+            async for event in stream:
+                payload = self._stamp(event_to_dict(event))
+                if isinstance(event, Done):
+                    self.slot.release()  # the run is over: the next request may start
+                    cost = run_cost(self.moa.provider_configs, event.result)
+                    payload["cost"] = {"usd": cost.to_json(), "unpriced_calls": cost.unpriced}
+                if isinstance(event, TextDelta | AgentTextDelta):
+                    await events.text(payload)  # the model's words, as they are (and fast)
+                else:
+                    await events.data(payload)
 
-    async def _relay(self, sender: EventSender) -> None:
-        try:
-            stream = self.moa.stream(self.messages, agent_text=True)
-            async with contextlib.aclosing(stream) as events:
-                async for event in events:
-                    payload = self._stamp(event_to_dict(event))
-                    if isinstance(event, Done):
-                        self.slot.release()  # the run is over: the next request may start
-                        cost = run_cost(self.moa.provider_configs, event.result)
-                        payload["cost"] = {"usd": cost.to_json(), "unpriced_calls": cost.unpriced}
-                    if isinstance(event, TextDelta | AgentTextDelta):
-                        await sender.text(payload)  # the model's words, as they are (and fast)
-                    else:
-                        await sender.data(payload)
-        except RunError as error:
-            log.warning("%s (model %s): %s", self.id, self.moa.name, error)
-            failure = run_error(error, self.moa.name)
-            partial = None if error.result is None else event_to_dict(Done(error.result))["result"]
-            await sender.data(
-                self._stamp(
-                    {
-                        "type": "error",
-                        "message": failure.message,
-                        "code": failure.code,
-                        "result": partial,
-                    }
-                )
-            )
-        except Exception:
-            # The status line went out long ago: all that is left is to say so in the stream.
-            log.exception("%s (model %s): the run failed", self.id, self.moa.name)
-            await sender.data(
-                self._stamp(
-                    {
-                        "type": "error",
-                        "message": "internal error: see the server log",
-                        "code": "internal",
-                        "result": None,
-                    }
-                )
-            )
+    async def _send_failure(self, events: EventSender, error: Exception) -> None:
+        failure = self._failure(error)
+        result = error.result if isinstance(error, RunError) else None
+        partial = None if result is None else event_to_dict(Done(result))["result"]
+        error_event = {"type": "error", "message": failure.message, "code": failure.code}
+        await events.data(self._stamp({**error_event, "result": partial}))

@@ -9,30 +9,15 @@ configured settings, since the client asks about the answer, not about the draft
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from moa.engine import AnswerSettings
+from moa.providers.base import ChatMessage
 from moa.server.errors import ApiError, unsupported
 
-__all__ = [
-    "AnswerSettings",
-    "RunRequest",
-    "SamplingRequest",
-    "StreamOptions",
-    "unsupported",
-]
-
-
-class RunRequest(Protocol):
-    """What a run's response needs to know of its request, whichever endpoint took it."""
-
-    @property
-    def streamed(self) -> bool: ...
-
-    @property
-    def include_usage(self) -> bool: ...
+__all__ = ["ApiRequest", "SamplingRequest", "StreamOptions"]
 
 
 class StreamOptions(BaseModel):
@@ -41,21 +26,19 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class SamplingRequest(BaseModel):
-    """The fields chat and legacy completions share. Unknown fields are accepted and have no
-    effect (OpenAI adds fields often, and clients send them by default)."""
+class ApiRequest(BaseModel):
+    """The fields every endpoint takes. Unknown fields are accepted and have no effect (OpenAI
+    adds fields often, and clients send them by default)."""
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    #: What the body should be, for the error about an empty one.
+    what: ClassVar[str]
 
+    model: str = Field(min_length=1, max_length=256)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
-    reasoning_effort: str | None = None
     user: str | None = None
 
     @property
@@ -66,11 +49,7 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.streamed and self.stream_options and self.stream_options.include_usage)
 
-    @property
-    def answer_tokens(self) -> int | None:
-        return None
-
-    def check_sampling(self) -> None:
+    def check(self) -> None:
         """Refuse what no MoA pipeline can honour, as OpenAI refuses what it cannot."""
         if self.stream_options is not None and not self.streamed:
             raise ApiError(
@@ -79,6 +58,34 @@ class SamplingRequest(BaseModel):
                 param="stream_options",
                 code="invalid_value",
             )
+
+    def to_messages(self) -> list[ChatMessage]:
+        """The messages to answer, or a 400 naming the one at fault."""
+        raise NotImplementedError
+
+    def answer_settings(self) -> AnswerSettings:
+        raise NotImplementedError
+
+
+class SamplingRequest(ApiRequest):
+    """The fields chat and legacy completions share."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    reasoning_effort: str | None = None
+    # Refused unless left at their neutral value: see `check`.
+    n: int | None = None
+    stop: str | list[str] | None = None
+
+    @property
+    def answer_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def check(self) -> None:
+        super().check()
         if self.logit_bias:
             raise unsupported(
                 "logit_bias",
@@ -89,6 +96,10 @@ class SamplingRequest(BaseModel):
                 "reasoning_effort",
                 "reasoning_effort is not supported by MoA pipelines; leave it unset",
             )
+        if self.n not in (None, 1):
+            raise unsupported("n", "a MoA pipeline writes one answer per request: send n=1")
+        if self.stop:
+            raise unsupported("stop", "stop sequences are not supported by MoA pipelines")
 
     def answer_settings(self) -> AnswerSettings:
         return AnswerSettings(

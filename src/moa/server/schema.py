@@ -1,4 +1,4 @@
-"""The request body of `POST /v1/chat/completions`, checked the way OpenAI's API checks it.
+"""Request bodies checked the way OpenAI's API checks them, and that of `/v1/chat/completions`.
 
 OpenAI adds request fields often, and clients send them by default; an unknown field is ignored
 rather than refused, so a newer client keeps working. Three kinds of field are refused instead:
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field, ValidationError
 
@@ -22,34 +22,43 @@ from moa._text import find_unencodable
 from moa._validation import first_problem
 from moa.providers.base import ChatMessage
 from moa.server.errors import ApiError, invalid, unsupported
-from moa.server.guards import REDIRECT_FIELDS, redirect_field
+from moa.server.guards import redirect_field
 from moa.server.messages import check_conversation, parse_message
-from moa.server.params import SamplingRequest
+from moa.server.params import ApiRequest, SamplingRequest
 
 __all__ = [
-    "REDIRECT_FIELDS",
     "ChatCompletionRequest",
     "decode_body",
-    "parse_chat_request",
+    "parse_request",
     "refuse_redirects",
     "schema_error",
 ]
 
-_MAX_MODEL_NAME = 256
+R = TypeVar("R", bound=ApiRequest)
+
+
+def parse_request(body: bytes, kind: type[R]) -> tuple[R, list[ChatMessage]]:
+    """The validated request and its messages, or an ApiError(400) naming the bad field."""
+    data = decode_body(body, kind.what)
+    refuse_redirects(data)
+    try:
+        request = kind.model_validate(data)
+    except ValidationError as error:
+        raise schema_error(error) from None
+    request.check()
+    return request, request.to_messages()
 
 
 class ChatCompletionRequest(SamplingRequest):
     """The fields we act on (see SamplingRequest for those every endpoint shares); anything
     else OpenAI defines is accepted and has no effect."""
 
-    model: str = Field(min_length=1, max_length=_MAX_MODEL_NAME)
+    what = "a chat completion request"
+
     messages: list[dict[str, Any]] = Field(min_length=1)
-    # Applied to the aggregator (and its fallbacks): they write the answer the client sees.
-    max_tokens: int | None = Field(default=None, ge=1)
+    # Like max_tokens, applied to the aggregator (and its fallbacks): they write the answer.
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    # Refused unless left at their neutral value: see `_refuse_unsupported`.
-    n: int | None = None
-    stop: str | list[str] | None = None
+    # Refused unless left at their neutral value: see `check`.
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -61,24 +70,29 @@ class ChatCompletionRequest(SamplingRequest):
         """The cap on the answer: `max_completion_tokens` is OpenAI's newer name for it."""
         return self.max_completion_tokens or self.max_tokens
 
+    def check(self) -> None:
+        super().check()
+        if self.tools or self.functions:
+            param = "tools" if self.tools else "functions"
+            raise unsupported(param, "tool and function calling are not supported by MoA pipelines")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise unsupported("tool_choice", "tool calling is not supported by MoA pipelines")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise unsupported(
+                "response_format", f"response_format {kind!r} is not supported; only 'text' is"
+            )
+        if self.logprobs:
+            raise unsupported("logprobs", "logprobs are not available from a MoA pipeline")
+        both = self.max_tokens and self.max_completion_tokens
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise invalid(
+                "max_tokens and max_completion_tokens disagree: send only one of them", "max_tokens"
+            )
 
-def parse_chat_request(body: bytes) -> tuple[ChatCompletionRequest, list[ChatMessage]]:
-    """The validated request and its messages, or an ApiError(400) naming the bad field."""
-    data = decode_body(body, "a chat completion request")
-    refuse_redirects(data)
-    try:
-        request = ChatCompletionRequest.model_validate(data)
-    except ValidationError as error:
-        raise schema_error(error) from None
-    request.check_sampling()
-    _refuseunsupported(request)
-    both = request.max_tokens and request.max_completion_tokens
-    if both and request.max_tokens != request.max_completion_tokens:
-        raise invalid(
-            "max_tokens and max_completion_tokens disagree: send only one of them", "max_tokens"
-        )
-    messages = [parse_message(m, f"messages[{n}]") for n, m in enumerate(request.messages)]
-    return request, check_conversation(messages, "messages")
+    def to_messages(self) -> list[ChatMessage]:
+        messages = [parse_message(m, f"messages[{n}]") for n, m in enumerate(self.messages)]
+        return check_conversation(messages, "messages")
 
 
 def decode_body(body: bytes, what: str) -> dict[str, Any]:
@@ -129,25 +143,6 @@ def refuse_redirects(data: Mapping[str, Any]) -> None:
             param=key,
             code="forbidden_parameter",
         )
-
-
-def _refuseunsupported(request: ChatCompletionRequest) -> None:
-    if request.n not in (None, 1):
-        raise unsupported("n", "a MoA pipeline writes one answer per request: send n=1")
-    if request.stop:
-        raise unsupported("stop", "stop sequences are not supported by MoA pipelines")
-    if request.tools or request.functions:
-        param = "tools" if request.tools else "functions"
-        raise unsupported(param, "tool and function calling are not supported by MoA pipelines")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", "tool calling is not supported by MoA pipelines")
-    kind = (request.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise unsupported(
-            "response_format", f"response_format {kind!r} is not supported; only 'text' is"
-        )
-    if request.logprobs:
-        raise unsupported("logprobs", "logprobs are not available from a MoA pipeline")
 
 
 def schema_error(error: ValidationError) -> ApiError:

@@ -14,7 +14,7 @@ import logging
 
 from starlette.types import Message, Scope, Send
 
-from moa.server.errors import SERVER_ERROR, ApiError, error_body, error_response, json_bytes
+from moa.server.errors import SERVER_ERROR, ApiError, error_response, json_bytes
 
 __all__ = ["SHUTDOWN_MESSAGE", "ResponseTracker", "answer_cut_short"]
 
@@ -23,7 +23,6 @@ log = logging.getLogger("moa.server")
 SHUTDOWN_MESSAGE = (
     "the server shut down before this run finished (its grace period ended); retry the request"
 )
-_CODE = "server_shutting_down"
 
 
 class ResponseTracker:
@@ -47,22 +46,20 @@ async def answer_cut_short(scope: Scope, send: ResponseTracker, request_id: str)
     if send.ended:
         return
     log.warning("%s: cancelled at the end of the shutdown grace period", request_id)
+    error = ApiError(
+        503,
+        SHUTDOWN_MESSAGE,
+        type=SERVER_ERROR,
+        code="server_shutting_down",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
     # The client may be gone too: nothing to tell it then.
     with contextlib.suppress(Exception):
         if not send.started:
-            error = ApiError(
-                503,
-                SHUTDOWN_MESSAGE,
-                type=SERVER_ERROR,
-                code=_CODE,
-                headers={"Retry-After": "1", "Connection": "close"},
-            )
             await error_response(error)(scope, _nothing, send)
             return
-        body = json_bytes(error_body(SHUTDOWN_MESSAGE, SERVER_ERROR, code=_CODE))
-        await send(
-            {"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True}
-        )
+        event = b"data: " + json_bytes(error.body()) + b"\n\n"
+        await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
