@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncGenerator, Callable, Iterator
+from functools import partial
 from typing import Any
 
 import llm
@@ -37,14 +38,10 @@ PREFIX = "moa/"
 
 @llm.hookimpl
 def register_models(register: Callable[..., None]) -> None:
-    loaders: dict[str, Callable[[], ConfigFile]] = {name: _preset_loader(name) for name in PRESETS}
+    loaders: dict[str, Callable[[], ConfigFile]] = {n: partial(preset_config, n) for n in PRESETS}
     loaders.update(_config_loaders())
     for name, load in loaders.items():
         register(MoAModel(name, load), MoAAsyncModel(name, load))
-
-
-def _preset_loader(name: str) -> Callable[[], ConfigFile]:
-    return lambda: preset_config(name)
 
 
 def _config_loaders() -> dict[str, Callable[[], ConfigFile]]:
@@ -79,7 +76,6 @@ class _Shared:
 
     def __init__(self, name: str, load: Callable[[], ConfigFile]) -> None:
         self.model_id = PREFIX + name
-        self.pipeline_name = name
         self._load = load
 
     def __str__(self) -> str:

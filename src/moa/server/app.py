@@ -41,7 +41,6 @@ from moa.server.events import EventRun
 from moa.server.guards import (
     ApiKeys,
     GuardMiddleware,
-    Lifecycle,
     RunSlots,
     read_body,
 )
@@ -75,7 +74,8 @@ class ServerState:
     max_body_bytes: int
     heartbeat_s: float
     body_timeout: float | None = DEFAULT_BODY_TIMEOUT_S
-    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    #: No new requests: SIGTERM came (see moa.server.runner).
+    draining: bool = False
     started: int = field(default_factory=lambda: int(time.time()))
     #: moa.server.metrics.ServerMetrics with metrics=True.
     metrics: Any = None
@@ -148,8 +148,7 @@ def create_app(
     middleware = [
         Middleware(
             GuardMiddleware,
-            keys=state.keys,
-            lifecycle=state.lifecycle,
+            state=state,
             protect=() if metrics_public else ("/metrics",),
         )
     ]
@@ -191,7 +190,7 @@ def server_state(app: Starlette) -> ServerState:
 
 async def _health(request: Request) -> Response:
     # Says nothing about the pipelines: it answers without a key.
-    if server_state(request.app).lifecycle.draining:
+    if server_state(request.app).draining:
         return json_response({"status": "draining"}, 503)
     return json_response({"status": "ok"})
 

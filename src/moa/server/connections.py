@@ -17,9 +17,10 @@ The body has its own deadline, `body_timeout`, enforced where it is read (`guard
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from typing import Any
+
+from moa.server.errors import RATE_LIMIT, ApiError, json_bytes
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT_S",
@@ -36,17 +37,14 @@ DEFAULT_MAX_CLIENT_CONNECTIONS = 256
 
 
 def _refusal(limit: int) -> bytes:
-    body = json.dumps(
-        {
-            "error": {
-                "message": f"this client already holds {limit} connections to this server, its "
-                "limit; reuse connections or close some, then retry",
-                "type": "rate_limit_error",
-                "param": None,
-                "code": "too_many_connections",
-            }
-        }
-    ).encode()
+    error = ApiError(
+        429,
+        f"this client already holds {limit} connections to this server, its limit; reuse "
+        "connections or close some, then retry",
+        type=RATE_LIMIT,
+        code="too_many_connections",
+    )
+    body = json_bytes(error.body())
     head = (
         "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"

@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,11 +17,13 @@ from moa.errors import ClientGone, ConfigError
 from moa.server.connections import DEFAULT_BODY_TIMEOUT_S
 from moa.server.errors import RATE_LIMIT, SERVER_ERROR, ApiError, error_response
 
+if TYPE_CHECKING:
+    from moa.server.app import ServerState
+
 __all__ = [
     "REDIRECT_FIELDS",
     "ApiKeys",
     "GuardMiddleware",
-    "Lifecycle",
     "RunSlots",
     "parse_api_keys",
     "read_body",
@@ -123,9 +125,6 @@ class ApiKeys:
     def __bool__(self) -> bool:
         return bool(self._digests)
 
-    def __len__(self) -> int:
-        return len(self._digests)
-
     def accepts(self, authorization: str | None) -> bool:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -141,27 +140,14 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-class Lifecycle:
-    """Whether the server still takes new requests. SIGTERM turns on draining."""
-
-    def __init__(self) -> None:
-        self.draining = False
-
-    def begin_draining(self) -> None:
-        self.draining = True
-
-
 class GuardMiddleware:
     """Refuses a request before routing: while draining (503), or on /v1 without a valid key
     (401). /healthz stays open so probes see the draining state. `protect` names more paths
     that need the key (/metrics, unless it is public)."""
 
-    def __init__(
-        self, app: ASGIApp, *, keys: ApiKeys, lifecycle: Lifecycle, protect: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, state: ServerState, protect: tuple[str, ...] = ()) -> None:
         self.app = app
-        self.keys = keys
-        self.lifecycle = lifecycle
+        self.state = state
         self.protect = protect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,7 +156,7 @@ class GuardMiddleware:
             return
         path: str = scope["path"]
         refusal: ApiError | None = None
-        if self.lifecycle.draining and path != "/healthz":
+        if self.state.draining and path != "/healthz":
             refusal = ApiError(
                 503,
                 "the server is shutting down and takes no new requests; retry on another instance",
@@ -178,7 +164,7 @@ class GuardMiddleware:
                 code="server_shutting_down",
                 headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"},
             )
-        elif self.keys and (path == "/v1" or path.startswith("/v1/") or path in self.protect):
+        elif self.state.keys and (path == "/v1" or path.startswith("/v1/") or path in self.protect):
             refusal = self._check_key(scope)
         if refusal is not None:
             await error_response(refusal)(scope, receive, send)
@@ -192,7 +178,7 @@ class GuardMiddleware:
                 "no API key: send the header 'Authorization: Bearer <key>' with one of the "
                 "keys in this server's MOA_API_KEYS"
             )
-        if not self.keys.accepts(values[0].decode("latin-1")):
+        if not self.state.keys.accepts(values[0].decode("latin-1")):
             return _unauthorized(
                 "invalid API key: the bearer token is not one of this server's MOA_API_KEYS"
             )
@@ -247,8 +233,6 @@ async def read_body(
     """The whole request body, or ApiError(413) once it passes `limit` bytes, or ApiError(408)
     if it has not all arrived within `within` seconds (a client trickling it in holds a
     connection and a request task for as long as it likes otherwise)."""
-    if within is None:
-        return await _read_body(scope, receive, limit)
     try:
         async with asyncio.timeout(within):
             return await _read_body(scope, receive, limit)

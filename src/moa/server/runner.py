@@ -114,7 +114,7 @@ class MoAServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def begin_draining(self) -> None:
-        server_state(self.app).lifecycle.begin_draining()
+        server_state(self.app).draining = True
 
     async def shutdown(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         """Keep listening (answering 503) while runs are in flight, up to the grace period;
@@ -138,8 +138,12 @@ class MoAServer(uvicorn.Server):
     @property
     def url(self) -> str:
         """http://host:port of the listening socket (the real port when 0 was asked for)."""
-        host, port = self.servers[0].sockets[0].getsockname()[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return socket_url(self.servers[0].sockets[0])
+
+
+def socket_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def build_server(

@@ -24,6 +24,7 @@ from typing import Any
 
 from moa.engine import MoA
 from moa.errors import ConfigError
+from moa.server.runner import serve, socket_url
 
 __all__ = ["serve_workers"]
 
@@ -52,20 +53,13 @@ def serve_workers(
     **options: Any,
 ) -> None:
     """Serve `pipelines` from `workers` forked processes until SIGTERM / SIGINT."""
-    from moa.server.runner import serve
-
     sock = bind(host, port)
-    bound_host, bound_port = sock.getsockname()[:2]
-    url = (
-        f"http://[{bound_host}]:{bound_port}"
-        if ":" in bound_host
-        else (f"http://{bound_host}:{bound_port}")
-    )
+    url = socket_url(sock)
 
     def run_worker() -> None:
         # A fresh process image from fork: the providers have opened nothing yet (sessions
         # are made per event loop, on the first call), so nothing is shared by accident.
-        serve(pipelines, host=host, port=bound_port, sockets=[sock], **options)
+        serve(pipelines, host=host, port=sock.getsockname()[1], sockets=[sock], **options)
 
     # fork, not spawn: the pipelines (and any key read from a .env file) carry over as they are.
     context = multiprocessing.get_context("fork")
