@@ -20,7 +20,7 @@ import json
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import aiohttp
@@ -37,7 +37,7 @@ from moa.errors import (
     RateLimited,
     StreamInterrupted,
 )
-from moa.providers.base import ChatMessage, ChatRequest, Completion, StreamChunk, estimate_tokens
+from moa.providers.base import ChatRequest, Completion, ProviderBase, StreamChunk
 from moa.providers.sse import SSEDecoder
 from moa.results import TokenLogprob, Usage
 
@@ -54,7 +54,7 @@ _CONTEXT_SIGNS = (
 )
 _BODY_LIMIT = 500
 #: ChatRequest fields sent as they are when set. repeat_penalty and min_p are not among them:
-#: the config refuses them for HTTP providers (see moa.config._LLAMA_ONLY).
+#: the config refuses them for HTTP providers (see moa.config._EXTRA_SETTINGS).
 _SENT_IF_SET = (
     "temperature",
     "max_tokens",
@@ -66,7 +66,7 @@ _SENT_IF_SET = (
 )
 
 
-class OpenAICompatibleProvider:
+class OpenAICompatibleProvider(ProviderBase):
     def __init__(
         self,
         name: str,
@@ -125,9 +125,6 @@ class OpenAICompatibleProvider:
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleProvider(name={self.name!r}, base_url={self.base_url!r})"
-
-    async def count_tokens(self, model: str, messages: Sequence[ChatMessage]) -> int:
-        return estimate_tokens(messages)
 
     def context_window(self, model: str) -> int | None:
         return self._context_window
@@ -204,8 +201,7 @@ class OpenAICompatibleProvider:
         """Read a chat completion body: the three fields we use, checked."""
 
         def malformed(why: str) -> MalformedResponse:
-            text = raw.decode("utf-8", "replace")
-            return MalformedResponse(why, provider=self.name, model=model, body=_clip(text))
+            return self._malformed(why, model, raw.decode("utf-8", "replace"))
 
         try:
             data = json.loads(raw)
@@ -255,11 +251,10 @@ class OpenAICompatibleProvider:
         except Exception as error:
             translated = self._translate(error, model)
             if received:
-                raise StreamInterrupted(
+                raise self._interrupted(
                     f"the stream broke after {len(''.join(received))} characters: {translated}",
-                    partial="".join(received),
-                    provider=self.name,
-                    model=model,
+                    received,
+                    model,
                 ) from None
             raise translated from None
         finally:
@@ -272,33 +267,21 @@ class OpenAICompatibleProvider:
         if not finished:
             message = "the stream ended without a finish_reason"
             if received:
-                raise StreamInterrupted(
-                    message, partial="".join(received), provider=self.name, model=model
-                )
-            raise MalformedResponse(message, provider=self.name, model=model)
+                raise self._interrupted(message, received, model)
+            raise self._malformed(message, model)
 
     def _parse_chunk(self, data: str, model: str) -> StreamChunk | None:
         """One `chat.completion.chunk` event; None when it carries nothing we use."""
+        not_a_chunk = "a stream event is not a chat completion chunk"
         try:
             chunk = json.loads(data)
         except ValueError:
-            raise MalformedResponse(
-                "unreadable stream event: not JSON",
-                provider=self.name,
-                model=model,
-                body=_clip(data),
-            ) from None
+            raise self._malformed("unreadable stream event: not JSON", model, data) from None
         if not isinstance(chunk, dict):
-            raise MalformedResponse(
-                "a stream event is not a chat completion chunk", provider=self.name, model=model
-            )
+            raise self._malformed(not_a_chunk, model)
         if "error" in chunk:  # some servers report a failure mid-stream this way
-            raise MalformedResponse(
-                f"the stream carried an error: {_message_of(chunk, data)}",
-                provider=self.name,
-                model=model,
-                body=_clip(data),
-            )
+            message = _error_message(data)
+            raise self._malformed(f"the stream carried an error: {message}", model, data)
         text = ""
         reason = None
         logprobs = None
@@ -311,27 +294,33 @@ class OpenAICompatibleProvider:
             reason = finish if isinstance(finish, str) and finish else None
             logprobs = _logprobs(choices[0].get("logprobs"))
         elif choices is not None and not isinstance(choices, list):
-            raise MalformedResponse(
-                "a stream event is not a chat completion chunk", provider=self.name, model=model
-            )
+            raise self._malformed(not_a_chunk, model)
         raw_usage = chunk.get("usage")
         usage = _usage_from_dict(raw_usage) if isinstance(raw_usage, dict) else None
         if text or reason or usage or logprobs:
             return StreamChunk(text=text, finish_reason=reason, usage=usage, logprobs=logprobs)
         return None
 
+    def _malformed(self, why: str, model: str, body: str | None = None) -> MalformedResponse:
+        clipped = None if body is None else clip(body, _BODY_LIMIT)
+        return MalformedResponse(why, provider=self.name, model=model, body=clipped)
+
+    def _interrupted(self, message: str, received: list[str], model: str) -> StreamInterrupted:
+        partial = "".join(received)
+        return StreamInterrupted(message, partial=partial, provider=self.name, model=model)
+
     def _status_error(
         self, status: int, reason: str | None, headers: Mapping[str, str], raw: bytes, model: str
     ) -> ProviderStatusError:
         where: dict[str, Any] = {"provider": self.name, "model": model}
         text = raw.decode("utf-8", "replace")
-        body = _clip(text)
+        body = clip(text, _BODY_LIMIT)
         message = f"HTTP {status}: {_error_message(text, reason)}"
         # Retry-After means something on a 429 and a 503 (RFC 9110); elsewhere it is ignored.
         retry_after = parse_retry_after(headers) if status in (429, 503) else None
         if status == 429:
             return RateLimited(message, retry_after=retry_after, body=body, **where)
-        if status in (400, 413, 422) and any(s in (body or "").lower() for s in _CONTEXT_SIGNS):
+        if status in (400, 413, 422) and any(s in body.lower() for s in _CONTEXT_SIGNS):
             return ContextLengthExceeded(message, status_code=status, body=body, **where)
         # A 503 is the server's trouble, not our rate: its Retry-After is obeyed by the retry
         # loop, but the provider's limits are not halved as after a 429.
@@ -418,27 +407,19 @@ def _usage_from_dict(usage: dict[str, Any]) -> Usage | None:
         return None
 
 
-def _message_of(data: Any, text: str) -> str:
-    """The `error.message` of an OpenAI-style error object, else a clip of the text."""
+def _error_message(text: str, reason: str | None = None) -> str:
+    """The `error.message` of an OpenAI-style error body, else a clip of the text, else the
+    HTTP `reason`."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
     inner = data.get("error", data) if isinstance(data, dict) else None
     if isinstance(inner, dict) and inner.get("message"):
         return clip(str(inner["message"]), _BODY_LIMIT)
     if isinstance(inner, str) and inner:
         return clip(inner, _BODY_LIMIT)
-    return clip(text.strip(), 200)
-
-
-def _error_message(text: str, reason: str | None) -> str:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    return _message_of(data, text) or (reason or "")
-
-
-def _clip(text: str | None) -> str | None:
-    # Redacted before it is cut: a cut through a key would leave its head unrecognised.
-    return None if text is None else clip(text, _BODY_LIMIT)
+    return clip(text.strip(), 200) or (reason or "")
 
 
 async def _close_at_loop_end(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
