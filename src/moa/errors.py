@@ -33,7 +33,7 @@ Messages never contain API keys: providers are named by their config name, not t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from moa._secrets import redact
 
@@ -102,6 +102,14 @@ class MissingExtraError(MoAError, ImportError):
         )
 
 
+class Upstream(TypedDict, total=False):
+    """Where a provider error happened, and what the server said: keywords of every one."""
+
+    provider: str
+    model: str
+    body: str | None
+
+
 class ProviderError(MoAError):
     """One upstream call failed."""
 
@@ -145,15 +153,11 @@ class ProviderStatusError(ProviderError):
         *,
         status_code: int,
         retry_after: float | None = None,
-        provider: str = "",
-        model: str = "",
-        body: str | None = None,
+        **upstream: Unpack[Upstream],
     ) -> None:
         #: Seconds the server asked us to wait (429, or a 503 while it is overloaded).
         self.retry_after = retry_after
-        super().__init__(
-            message, provider=provider, model=model, status_code=status_code, body=body
-        )
+        super().__init__(message, status_code=status_code, **upstream)
 
     @property
     def retryable(self) -> bool:  # type: ignore[override]
@@ -165,22 +169,9 @@ class RateLimited(ProviderStatusError):
     """429: we sent too much. Unlike a 5xx (the server's trouble), it slows the provider down."""
 
     def __init__(
-        self,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        provider: str = "",
-        model: str = "",
-        body: str | None = None,
+        self, message: str, *, retry_after: float | None = None, **upstream: Unpack[Upstream]
     ) -> None:
-        super().__init__(
-            message,
-            status_code=429,
-            retry_after=retry_after,
-            provider=provider,
-            model=model,
-            body=body,
-        )
+        super().__init__(message, status_code=429, retry_after=retry_after, **upstream)
 
 
 class ContextLengthExceeded(ProviderStatusError):
