@@ -130,14 +130,10 @@ class CallCache:
         try:
             self._db = self._connect()
         except (sqlite3.Error, OSError) as error:
-            if not (isinstance(error, sqlite3.Error) and _is_corruption(error)):
+            if isinstance(error, sqlite3.Error) and _is_corruption(error):
+                self._restart(error)
+            else:
                 self._give_up(error)  # a read-only or missing directory, a locked file, ...
-                return
-            self._quarantine(error)
-            try:
-                self._db = self._connect()
-            except (sqlite3.Error, OSError) as second:
-                self._give_up(second)
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +166,9 @@ class CallCache:
             raise
         return db
 
-    def _quarantine(self, error: sqlite3.Error) -> None:
-        """Move a damaged database (and its WAL files) aside, keeping it for inspection."""
+    def _restart(self, error: sqlite3.Error) -> None:
+        """Move a damaged database (and its WAL files) aside, keeping it for inspection, and
+        start a fresh one (or run without, if that fails too)."""
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
@@ -188,6 +185,10 @@ class CallCache:
             source = self.path.with_name(self.path.name + suffix)
             with contextlib.suppress(FileNotFoundError):
                 source.replace(aside.with_name(aside.name + suffix))
+        try:
+            self._db = self._connect()
+        except (sqlite3.Error, OSError) as second:
+            self._give_up(second)
 
     def _give_up(self, error: Exception) -> None:
         log.warning("the call cache %s cannot be used (%s): running without it", self.path, error)
@@ -283,11 +284,7 @@ class CallCache:
             return row
         except sqlite3.DatabaseError as error:
             if _is_corruption(error) and not self._closed:
-                self._quarantine(error)
-                try:
-                    self._db = self._connect()
-                except (sqlite3.Error, OSError) as second:
-                    self._give_up(second)
+                self._restart(error)
             else:
                 log.warning(
                     "call cache %s: %s (continuing without it for this call)", self.path, error
