@@ -139,7 +139,7 @@ def run_in_process(
     from moa.config import load_config
     from moa.engine import MoA
     from moa.providers.cache import CachedProvider, CallCache
-    from moa.providers.limits import RateLimitedProvider
+    from moa.providers.limits import Limits, RateLimitedProvider
 
     config = load_config(config_path)
     pipeline = config.resolve()
@@ -148,7 +148,7 @@ def run_in_process(
     async def go() -> None:
         cache = None if args.no_cache else CallCache(output.with_suffix(".db"))
         provider: Any = RateLimitedProvider(
-            SleepingProvider("fake", args.latency), max_concurrency=args.concurrency
+            SleepingProvider("fake", args.latency), Limits(max_concurrency=args.concurrency)
         )
         if cache is not None:
             provider = CachedProvider(provider, cache, base_url="in-process")

@@ -41,7 +41,7 @@ def _with_limits(
 ) -> None:
     async def go() -> None:
         provider = RateLimitedProvider(
-            OpenAICompatibleProvider("fake", base_url=fake.base_url), **limits
+            OpenAICompatibleProvider("fake", base_url=fake.base_url), Limits(**limits)
         )
         try:
             await test(provider)
@@ -119,7 +119,7 @@ def test_a_429_pauses_the_whole_provider_and_halves_its_rate(fake: FakeOpenAISer
     async def test(provider: RateLimitedProvider) -> None:
         with pytest.raises(RateLimited):
             await provider.complete(_request(0))
-        factors.append(provider.slow_down.factor())
+        factors.append(provider.gate.slow_down.factor())
         # Calls from other rows, made after the 429, wait out the Retry-After too.
         results = await asyncio.gather(*(provider.complete(_request(n)) for n in range(1, 4)))
         assert all(isinstance(r, Completion) for r in results)
@@ -142,7 +142,7 @@ def test_a_503_is_a_server_error_not_a_rate_limit(fake: FakeOpenAIServer) -> Non
         with pytest.raises(ProviderStatusError) as error:
             await provider.complete(_request(0))
         caught.append(error.value)
-        factors.append(provider.slow_down.factor())
+        factors.append(provider.gate.slow_down.factor())
         # Not paused for the 30 s the 503 asked for: the next call goes at once.
         await asyncio.wait_for(provider.complete(_request(1)), timeout=10)
 
@@ -193,7 +193,7 @@ def test_build_providers_wraps_only_limited_providers(fake: FakeOpenAIServer) ->
             assert isinstance(providers["plain"], OpenAICompatibleProvider)
             limited = providers["limited"]
             assert isinstance(limited, RateLimitedProvider)
-            assert limited.name == "limited" and limited.max_concurrency == 2
+            assert limited.name == "limited" and limited.gate.limits.max_concurrency == 2
         finally:
             await asyncio.gather(*(p.aclose() for p in providers.values()))
 

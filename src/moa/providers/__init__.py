@@ -42,11 +42,9 @@ def local_limits(name: str, config: ProviderConfig, provider: Provider) -> Provi
     moa.batch.shared_limits.)"""
     if not config.limited:
         return provider
-    from moa.providers.limits import RateLimitedProvider
+    from moa.providers.limits import Limits, RateLimitedProvider
 
-    return RateLimitedProvider(
-        provider, max_concurrency=config.max_concurrency, rpm=config.rpm, tpm=config.tpm
-    )
+    return RateLimitedProvider(provider, Limits.of(config))
 
 
 def build_providers(

@@ -284,20 +284,10 @@ def outcome(error: BaseException | None) -> tuple[float | None, bool | None]:
 class RateLimitedProvider(GatedProvider):
     """Wraps a provider with its configured limits, held in this process."""
 
-    def __init__(
-        self,
-        inner: Provider,
-        *,
-        max_concurrency: int | None = None,
-        rpm: float | None = None,
-        tpm: float | None = None,
-        clock: Clock = time.monotonic,
-    ) -> None:
+    def __init__(self, inner: Provider, limits: Limits, clock: Clock = time.monotonic) -> None:
         super().__init__(inner)
-        self.gate = LimitGate(Limits(max_concurrency, rpm, tpm), clock)
-        self.slow_down = self.gate.slow_down
-        self.max_concurrency = max_concurrency
-        self.counts_tokens = bool(tpm)
+        self.gate = LimitGate(limits, clock)
+        self.counts_tokens = bool(limits.tpm)
 
     async def _enter(self, tokens: int) -> int:
         await self.gate.admit(tokens)
