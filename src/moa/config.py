@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -57,7 +57,6 @@ __all__ = [
     "load_providers",
     "parse_config",
     "resolve_agent",
-    "resolve_pipeline",
 ]
 
 # Defaults for every agent; a pipeline, a layer or an agent may override each.
@@ -537,9 +536,7 @@ class ConfigFile(PipelineDefaults):
 
     def resolve(self, name: str | None = None) -> Pipeline:
         """The pipeline `name` (or the only one) with every default applied."""
-        return resolve_pipeline(
-            self.pipelines[self.pipeline_name(name)], self.providers, defaults=self
-        )
+        return _resolve_pipeline(self, self.pipelines[self.pipeline_name(name)])
 
 
 # --- resolved, engine-facing ---------------------------------------------------------------
@@ -640,11 +637,12 @@ _CALL_FIELDS = tuple(CallSettings.model_fields)
 _EXTRA_SETTINGS = ("repeat_penalty", "min_p")
 
 
-def _merge(*levels: CallSettings) -> dict[str, Any]:
-    """Later levels override earlier ones; unset (None) values do not override."""
+def _merge(levels: Iterable[BaseModel], names: Collection[str] = _CALL_FIELDS) -> dict[str, Any]:
+    """The settings `names` that `levels` set: later levels override earlier ones; unset
+    (None) values do not override."""
     merged: dict[str, Any] = {}
     for level in levels:
-        for name in _CALL_FIELDS:
+        for name in names:
             value = getattr(level, name)
             if value is not None:
                 merged[name] = value
@@ -675,7 +673,7 @@ def _resolve_agent(
     model = agent.model or provider_config.default_model()
     if model is None:
         raise ConfigError(f"{where}: 'model' is required for provider {provider!r}")
-    settings = _merge(*defaults, agent)
+    settings = _merge([*defaults, agent])
     hedge = settings.get("hedge_provider")
     if hedge is not None and hedge not in providers:
         known = ", ".join(sorted(providers))
@@ -707,17 +705,13 @@ def resolve_agent(providers: Mapping[str, ProviderConfig], **settings: Any) -> A
 
 
 def _cutoff(*levels: StragglerSettings) -> Cutoff | None:
-    """The first level that sets each straggler key wins (layer, then pipeline, then file)."""
-
-    def first(name: str) -> Any:
-        return next((v for lv in levels if (v := getattr(lv, name)) is not None), None)
-
-    if first("wait") == "all":
+    """Each straggler key as the last level that sets it says (file, pipeline, then layer)."""
+    settings = _merge(levels, StragglerSettings.model_fields)
+    if settings.get("wait") == "all":
         return None
-    factor, floor = first("straggler_factor"), first("straggler_floor")
     return Cutoff(
-        factor=DEFAULT_CUTOFF.factor if factor is None else factor,
-        floor=DEFAULT_CUTOFF.floor if floor is None else floor,
+        factor=settings.get("straggler_factor", DEFAULT_CUTOFF.factor),
+        floor=settings.get("straggler_floor", DEFAULT_CUTOFF.floor),
     )
 
 
@@ -731,18 +725,13 @@ def _expand(agent: Agent, samples: int | None) -> list[Agent]:
     return [replace(agent, seed=agent.seed + n) for n in range(samples)]
 
 
-def resolve_pipeline(
-    pipeline: PipelineConfig,
-    providers: Mapping[str, ProviderConfig],
-    *,
-    defaults: PipelineDefaults | None = None,
-) -> Pipeline:
+def _resolve_pipeline(config: ConfigFile, pipeline: PipelineConfig) -> Pipeline:
     """Apply defaults (file → pipeline → layer → agent) and expand the short form."""
-    defaults = defaults or PipelineDefaults()
-    levels: list[CallSettings] = [defaults, pipeline]
+    providers = config.providers
+    levels: list[CallSettings] = [config, pipeline]
     assert pipeline.aggregator is not None  # checked by PipelineConfig
-    pipeline_min_ok = pipeline.min_ok or defaults.min_ok or 1
-    pipeline_timeout = pipeline.layer_timeout or defaults.layer_timeout
+    pipeline_min_ok = pipeline.min_ok or config.min_ok or 1
+    pipeline_timeout = pipeline.layer_timeout or config.layer_timeout
 
     layer_configs: list[LayerConfig]
     if isinstance(pipeline.layers, int):
@@ -773,7 +762,7 @@ def resolve_pipeline(
                 agents=agents,
                 min_ok=min_ok,
                 timeout=layer_config.layer_timeout or pipeline_timeout,
-                cutoff=_cutoff(layer_config, pipeline, defaults),
+                cutoff=_cutoff(config, pipeline, layer_config),
                 uncut=frozenset(
                     i for i, a in enumerate(agents) if providers[a.provider].in_process
                 ),
@@ -785,7 +774,6 @@ def resolve_pipeline(
         _resolve_agent(a, levels, providers, f"aggregator fallback {i + 1}")
         for i, a in enumerate(pipeline.aggregator.fallbacks)
     )
-    max_total = pipeline.max_total_tokens or defaults.max_total_tokens
     staircase = None
     if pipeline.aggregator.mode == "staircase":
         steps, default = pipeline.aggregator, StepSchedule()
@@ -794,7 +782,9 @@ def resolve_pipeline(
             growth=steps.step_growth or default.growth,
             largest=steps.max_step_tokens or default.largest,
         )
-    aggregation = _aggregation(pipeline.aggregator)
+    aggregation = AggregationSettings(
+        **_merge([pipeline.aggregator], [f.name for f in fields(AggregationSettings)])
+    )
     if aggregation.strategy != "synthesize" and not layers:
         raise ConfigError(
             f"aggregator: strategy {aggregation.strategy} chooses among the last proposer "
@@ -804,20 +794,11 @@ def resolve_pipeline(
         layers=tuple(layers),
         aggregator=aggregator,
         fallbacks=fallbacks,
-        references_in=pipeline.references_in or defaults.references_in or "system",
-        max_total_tokens=max_total,
+        references_in=pipeline.references_in or config.references_in or "system",
+        max_total_tokens=pipeline.max_total_tokens or config.max_total_tokens,
         staircase=staircase,
         aggregation=aggregation,
     )
-
-
-def _aggregation(config: AggregatorConfig) -> AggregationSettings:
-    settings = {
-        name: getattr(config, name)
-        for name in ("strategy", "window", "measure", "agreement_weight", "top_logprobs")
-        if getattr(config, name) is not None
-    }
-    return AggregationSettings(**settings)
 
 
 # --- loading --------------------------------------------------------------------------------
