@@ -12,13 +12,13 @@ covers the priced calls only and says how many were left out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from moa.config import Price, ProviderConfig
-from moa.results import AgentResult, RunResult, Usage
+from moa.results import AgentResult, RunResult
 
-__all__ = ["Cost", "agent_cost", "calls_cost", "price_for", "run_cost", "usage_cost"]
+__all__ = ["Cost", "agent_cost", "price_for", "run_cost"]
 
 _PER = 1_000_000
 
@@ -53,10 +53,6 @@ def price_for(providers: Mapping[str, ProviderConfig], provider: str, model: str
     return config.prices.get(model) or config.prices.get("*")
 
 
-def usage_cost(price: Price, usage: Usage) -> float:
-    return (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / _PER
-
-
 def agent_cost(providers: Mapping[str, ProviderConfig], result: AgentResult) -> Cost:
     """What one agent's calls (retries included) cost."""
     if result.usage.total_tokens == 0:
@@ -64,16 +60,11 @@ def agent_cost(providers: Mapping[str, ProviderConfig], result: AgentResult) -> 
     price = price_for(providers, result.provider, result.model)
     if price is None:
         return Cost(unpriced=1)
-    return Cost(usage_cost(price, result.usage), priced=1)
+    usage = result.usage
+    usd = (usage.prompt_tokens * price.input + usage.completion_tokens * price.output) / _PER
+    return Cost(usd, priced=1)
 
 
 def run_cost(providers: Mapping[str, ProviderConfig], result: RunResult) -> Cost:
     """What a run cost: every proposer and every aggregator attempt."""
-    return calls_cost(providers, result.calls)
-
-
-def calls_cost(providers: Mapping[str, ProviderConfig], calls: Iterable[AgentResult]) -> Cost:
-    total = Cost()
-    for call in calls:
-        total = total + agent_cost(providers, call)
-    return total
+    return sum((agent_cost(providers, call) for call in result.calls), Cost())
