@@ -219,23 +219,23 @@ def _open_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
 
 
 def _run_judged(
-    judge: dict[str, Any], evaluate: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    chosen: dict[str, Any], evaluate: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
 ) -> T:
-    """`evaluate(judge, *args, **kwargs)` with the judge (and cache) the `judge` options name and
-    a progress bar on a terminal; closes all."""
-    options = JudgeOptions(**judge)
+    """`evaluate(judge, *args, **kwargs)` with the judge (and cache) the `chosen` judge options
+    name and a progress bar on a terminal; closes all."""
+    options = JudgeOptions(**chosen)
     path = cache_file(options.cache_path, options.no_cache)
     with CallCache(path) if path is not None else contextlib.nullcontext() as cache:
-        judged = _open_judge(options, cache)
+        judge = _open_judge(options, cache)
 
         async def go() -> T:
             try:
                 with CountBar("judging", sys.stderr) as bar:
                     return await evaluate(
-                        judged, *args, on_start=bar.started, on_done=bar.done, **kwargs
+                        judge, *args, on_start=bar.started, on_done=bar.done, **kwargs
                     )
             finally:
-                await judged.aclose()
+                await judge.aclose()
 
         return asyncio.run(go())
 

@@ -93,8 +93,8 @@ async def evaluate_pairwise(
         on_start(2 * len(items))
     results = await judge_pairs(judge, items, on_done=on_done)
     return PairwiseReport(
-        a=SystemInfo(a.name, str(a.path), len(a.rows), a.skipped, matching.unmatched_a),
-        b=SystemInfo(b.name, str(b.path), len(b.rows), b.skipped, matching.unmatched_b),
+        a=SystemInfo(a.name, str(a.path), len(a.rows), matching.unmatched_a, a.skipped),
+        b=SystemInfo(b.name, str(b.path), len(b.rows), matching.unmatched_b, b.skipped),
         judge=judge.label,
         matched_by=matching.by,
         results=tuple(results),

@@ -287,10 +287,9 @@ def load_scored(
         if row_id in seen:
             skipped["a repeated id (the first record was scored)"] += 1
             continue
-        if references is not None:
-            reference = references.get(row_id)
-        else:
-            reference = _reference(row, f"{path} {line}")
+        reference = (
+            references.get(row_id) if references is not None else _reference(row, f"{path} {line}")
+        )
         if reference is None:
             skipped["no reference answers"] += 1
             continue

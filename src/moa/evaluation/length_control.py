@@ -175,7 +175,7 @@ def length_controlled(results: Sequence[ItemResult]) -> LengthControlled | None:
             continue
         item = result.item
         difference = float(_length(item.answers_a) - _length(item.answers_b))
-        if result.identical:
+        if item.identical:
             verdicts += [Verdict(item.key, 0.5, 0.0, p) for p in (1.0, -1.0)]
             continue
         for judgment in result.judgments:

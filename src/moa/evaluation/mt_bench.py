@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from moa.evaluation.judges import Judge, grading_messages, parse_grade
+from moa.evaluation.judges import Judge, ParsedGrade, grading_messages, parse_grade
 
 __all__ = [
     "CategoryScores",
@@ -47,6 +47,8 @@ class ModelAnswer:
 
 @dataclass(frozen=True, slots=True)
 class TurnGrade:
+    """One graded turn; the report's JSON keeps it field by field, in this order."""
+
     model: str
     question_id: str
     category: str
@@ -54,9 +56,9 @@ class TurnGrade:
     turn: int
     #: None when the call failed or the grade was unreadable.
     score: float | None
-    judge_output: str = ""
     problem: str | None = None
     failed: bool = False
+    judge_output: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +109,15 @@ def plan_grading(questions: Mapping[str, Question], answers: Sequence[ModelAnswe
 async def _grade(judge: Judge, answer: ModelAnswer, question: Question, turn: int) -> TurnGrade:
     messages = grading_messages(question.turns, answer.turns, turn, question.reference)
     reply = await judge.ask(messages)
-    if reply.failed:
-        score, problem = None, reply.error
-    else:
-        grade = parse_grade(reply.text)
-        score, problem = grade.score, grade.problem
+    grade = ParsedGrade(None, reply.error) if reply.failed else parse_grade(reply.text)
     return TurnGrade(
         model=answer.model,
         question_id=question.id,
         category=question.category,
         turn=turn,
-        score=score,
+        score=grade.score,
         judge_output=reply.text,
-        problem=problem,
+        problem=grade.problem,
         failed=reply.failed,
     )
 

@@ -74,13 +74,10 @@ class OrderJudgment:
     @property
     def winner(self) -> Winner | None:
         """The choice mapped from position back to system."""
-        if self.choice is None:
-            return None
-        if self.choice == "tie":
-            return "tie"
-        first: Winner = "A" if self.order == "AB" else "B"
-        second: Winner = "B" if self.order == "AB" else "A"
-        return first if self.choice == "first" else second
+        if self.choice is None or self.choice == "tie":
+            return self.choice
+        # A wins when the judge picked the position A's answer was shown in.
+        return "A" if (self.choice == "first") == (self.order == "AB") else "B"
 
     @property
     def a_score(self) -> float | None:
@@ -96,14 +93,10 @@ class ItemResult:
     judgments: tuple[OrderJudgment, ...] = ()
 
     @property
-    def identical(self) -> bool:
-        """Both answers are the same text: a tie without asking the judge."""
-        return self.item.identical
-
-    @property
     def score(self) -> float | None:
-        """A's score on this item in [0, 1]; None unless every order has a verdict."""
-        if self.identical:
+        """A's score on this item in [0, 1]; None unless every order has a verdict. Identical
+        answers are a tie without asking the judge."""
+        if self.item.identical:
             return 0.5
         scores = [j.a_score for j in self.judgments]
         if not scores or any(s is None for s in scores):
@@ -160,7 +153,9 @@ def summarize(results: Sequence[ItemResult]) -> PairwiseSummary:
     consistent = sum(
         1
         for r in results
-        if not r.identical and r.score is not None and len({j.winner for j in r.judgments}) == 1
+        if not r.item.identical
+        and r.score is not None
+        and len({j.winner for j in r.judgments}) == 1
     )
     return PairwiseSummary(
         items=len(results),
@@ -170,7 +165,7 @@ def summarize(results: Sequence[ItemResult]) -> PairwiseSummary:
         wins=sum(s > 0.5 for s in scores),
         ties=sum(s == 0.5 for s in scores),
         losses=sum(s < 0.5 for s in scores),
-        identical=sum(r.identical for r in results),
+        identical=sum(r.item.identical for r in results),
         verdicts=sum(j.choice is not None for j in judgments),
         unparseable=sum(j.choice is None and not j.failed for j in judgments),
         failed_calls=sum(j.failed for j in judgments),
@@ -219,15 +214,16 @@ async def judge_pairs(
 
 @dataclass(frozen=True, slots=True)
 class SystemInfo:
-    """Where one side's answers came from, and what was set aside while reading them."""
+    """Where one side's answers came from, and what was set aside while reading them (the
+    report's JSON keeps it field by field, in this order)."""
 
     name: str
     path: str
     rows: int
-    #: Rows not usable, by reason (a failed batch row, no output, a duplicate key...).
-    skipped: dict[str, int] = field(default_factory=dict)
     #: Usable rows with no counterpart in the other file.
     unmatched: int = 0
+    #: Rows not usable, by reason (a failed batch row, no output, a duplicate key...).
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

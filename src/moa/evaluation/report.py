@@ -7,12 +7,13 @@ looked at afterwards; the Markdown shows the numbers and every count of what wen
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from moa._files import write_atomically
 from moa.evaluation.mt_bench import CategoryScores, MTBenchReport, Score
-from moa.evaluation.pairwise import PairwiseReport, SystemInfo
+from moa.evaluation.pairwise import PairwiseReport
 
 __all__ = [
     "cell",
@@ -96,23 +97,13 @@ def pairwise_markdown(report: PairwiseReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _system(info: SystemInfo) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "path": info.path,
-        "rows": info.rows,
-        "unmatched": info.unmatched,
-        "skipped": dict(info.skipped),
-    }
-
-
 def pairwise_json(report: PairwiseReport) -> dict[str, Any]:
     s = report.summary
     return {
         "kind": "pairwise",
         "judge": report.judge,
-        "a": _system(report.a),
-        "b": _system(report.b),
+        "a": asdict(report.a),
+        "b": asdict(report.b),
         "matched_by": report.matched_by,
         "summary": {
             "win_rate": _round(s.win_rate),
@@ -136,7 +127,7 @@ def pairwise_json(report: PairwiseReport) -> dict[str, Any]:
             {
                 "key": r.item.key,
                 "score": r.score,
-                "identical": r.identical,
+                "identical": r.item.identical,
                 "judgments": [
                     {
                         "shown_first": "A" if j.order == "AB" else "B",
@@ -238,19 +229,7 @@ def mt_bench_json(report: MTBenchReport) -> dict[str, Any]:
             }
             for m in report.models
         ],
-        "grades": [
-            {
-                "model": g.model,
-                "question_id": g.question_id,
-                "category": g.category,
-                "turn": g.turn,
-                "score": g.score,
-                "problem": g.problem,
-                "failed": g.failed,
-                "judge_output": g.judge_output,
-            }
-            for g in report.grades
-        ],
+        "grades": [asdict(g) for g in report.grades],
     }
 
 
