@@ -167,14 +167,6 @@ def _record(response: Any, result: RunResult) -> None:
     usage = result.usage
     response.set_usage(input=usage.prompt_tokens, output=usage.completion_tokens)
     response.response_json = {
-        "agents": [
-            {
-                "layer": call.layer,
-                "model": f"{call.provider}/{call.model}",
-                "status": call.status,
-                "latency_s": round(call.latency_s, 3),
-            }
-            for call in result.calls
-        ],
+        "agents": result.call_summaries(),
         "latency_s": round(result.latency_s, 3),
     }

@@ -131,15 +131,7 @@ def _answer(name: str, result: RunResult) -> CallToolResult:
             "pipeline": name,
             "latency_s": round(result.latency_s, 3),
             "usage": usage.to_dict(),
-            "agents": [
-                {
-                    "layer": c.layer,
-                    "model": f"{c.provider}/{c.model}",
-                    "status": c.status,
-                    "latency_s": round(c.latency_s, 3),
-                }
-                for c in result.calls
-            ],
+            "agents": result.call_summaries(),
         },
     )
 

@@ -230,6 +230,18 @@ class RunResult:
             "aggregation": self.aggregation.to_dict(),
         }
 
+    def call_summaries(self) -> list[dict[str, Any]]:
+        """Each call in brief, as the llm plugin and the MCP tool report them beside the answer."""
+        return [
+            {
+                "layer": c.layer,
+                "model": f"{c.provider}/{c.model}",
+                "status": c.status,
+                "latency_s": round(c.latency_s, 3),
+            }
+            for c in self.calls
+        ]
+
 
 @dataclass(frozen=True, slots=True)
 class AgentStarted:

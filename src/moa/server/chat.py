@@ -34,7 +34,7 @@ from moa.server.errors import (
 from moa.server.guards import Slot
 from moa.server.params import ApiRequest
 from moa.server.schema import ChatCompletionRequest
-from moa.server.shutdown import ResponseTracker, answer_cut_short
+from moa.server.shutdown import ResponseTracker, answer_cut_short, receive_nothing
 
 __all__ = ["ChatRun", "run_error"]
 
@@ -142,9 +142,6 @@ class ChatRun:
     # --- not streamed ---------------------------------------------------------------------
 
     async def _complete(self, scope: Scope, send: Send) -> None:
-        async def no_receive() -> Any:  # the body was read already; the watcher owns receive
-            raise RuntimeError("not used")
-
         try:
             try:
                 result = await self.moa.arun(self.messages)
@@ -156,7 +153,7 @@ class ChatRun:
             response = error_response(self._failure(error))
         else:
             response = json_response(self._completion(result), headers={"x-request-id": self.id})
-        await response(scope, no_receive, send)
+        await response(scope, receive_nothing, send)  # the watcher owns the real receive
 
     def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {

@@ -103,7 +103,7 @@ def decode_body(body: bytes, what: str) -> dict[str, Any]:
         )
     try:
         data = json.loads(body, parse_constant=_no_constants)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, our NaN refusal
         raise ApiError(
             400,
             f"the request body is not valid JSON ({error}); send a JSON object",

@@ -16,7 +16,7 @@ from starlette.types import Message, Scope, Send
 
 from moa.server.errors import SERVER_ERROR, ApiError, error_response, json_bytes
 
-__all__ = ["SHUTDOWN_MESSAGE", "ResponseTracker", "answer_cut_short"]
+__all__ = ["SHUTDOWN_MESSAGE", "ResponseTracker", "answer_cut_short", "receive_nothing"]
 
 log = logging.getLogger("moa.server")
 
@@ -56,12 +56,13 @@ async def answer_cut_short(scope: Scope, send: ResponseTracker, request_id: str)
     # The client may be gone too: nothing to tell it then.
     with contextlib.suppress(Exception):
         if not send.started:
-            await error_response(error)(scope, _nothing, send)
+            await error_response(error)(scope, receive_nothing, send)
             return
         event = b"data: " + json_bytes(error.body()) + b"\n\n"
         await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _nothing() -> Message:  # the request body was read long ago
+async def receive_nothing() -> Message:
+    """The ASGI `receive` of a response sent after the request body was read."""
     return {"type": "http.disconnect"}
