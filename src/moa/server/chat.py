@@ -78,10 +78,7 @@ def run_error(error: RunError, model: str) -> ApiError:
 
 def _moa_extension(result: RunResult) -> dict[str, Any]:
     """Each layer's agent outputs, latency and usage (the answer itself is in `choices`)."""
-    details = result.to_dict()
-    details.pop("output", None)
-    details["usage"] = result.usage.to_dict()
-    return details
+    return {key: value for key, value in result.to_dict().items() if key != "output"}
 
 
 def _finish_reason(result: RunResult) -> str:
