@@ -11,6 +11,7 @@ ask "was this set?".
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -319,10 +320,7 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
             # A host whose last label is a number is an address to URL parsers (the WHATWG "ends
             # in a number" rule): 999.1.1.1 is a broken address, not a name.
             last = host.rsplit(".", 1)[-1].lower()
-            hex_digits = last[2:]
-            if last.isdigit() or (
-                last.startswith("0x") and all(c in "0123456789abcdef" for c in hex_digits)
-            ):
+            if last.isdigit() or re.fullmatch("0x[0-9a-f]*", last):
                 raise ValueError(
                     f"the host {host!r} is neither a host name nor a valid IPv4 address "
                     "(four decimal numbers from 0 to 255)"
@@ -358,7 +356,7 @@ class CallSettings(_Strict):
     hedge_after: PositiveFloat | None = None
     hedge_provider: str | None = None
     # Sampling controls. The first three are OpenAI's and every provider type honours them;
-    # repeat_penalty and min_p are llama.cpp's (see _LLAMA_ONLY).
+    # repeat_penalty and min_p are llama.cpp's (see _EXTRA_SETTINGS).
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=4)
@@ -838,8 +836,6 @@ def parse_config(
         raise ConfigError(f"{source}: {_describe(error, inline)}") from None
     except (ConfigError, ValueError) as error:
         raise ConfigError(f"{source}: {where}{error}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     return config
 
 
@@ -878,9 +874,7 @@ def _check_shape(data: Any, source: str) -> None:
 def load_config(path: str | Path) -> ConfigFile:
     path = Path(path)
     config = parse_config(_read_yaml(path), source=str(path))
-    if config.env_file and not Path(config.env_file).is_absolute():
-        config = config.model_copy(update={"env_file": str(path.parent / config.env_file)})
-    return config
+    return config.model_copy(update={"env_file": _beside(path, config.env_file)})
 
 
 class _ProvidersFile(BaseModel):
@@ -904,10 +898,13 @@ def load_providers(path: str | Path) -> tuple[dict[str, ProviderConfig], str | N
         found = _ProvidersFile.model_validate(data)
     except ValidationError as error:
         raise ConfigError(f"{path}: {_describe(error)}") from None
-    env_file = found.env_file
-    if env_file and not Path(env_file).is_absolute():
-        env_file = str(path.parent / env_file)
-    return dict(found.providers), env_file
+    return dict(found.providers), _beside(path, found.env_file)
+
+
+def _beside(config_path: Path, env_file: str | None) -> str | None:
+    """A relative `env_file` is read beside the config file that names it (joined to an
+    absolute one, the directory drops out)."""
+    return str(config_path.parent / env_file) if env_file else env_file
 
 
 def _read_yaml(path: Path) -> Any:
