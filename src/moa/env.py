@@ -1,7 +1,7 @@
 """The one place that reads the environment, and the guard that keeps API keys out of logs.
 
 Keys come only from environment variables (or a .env file the user names). Each key read is
-registered with `redact`, and the logging filter installed by `install_redaction` replaces any
+registered with `redact`, and `RedactingFilter`, added to a logging handler, replaces any
 registered key in every log record, whatever logger emitted it (ours, openai's, httpx's).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from moa._secrets import _SECRETS, check_key, redact, register_secret
 from moa.errors import ConfigError
 
-__all__ = ["Environment", "RedactingFilter", "install_redaction", "redact", "register_secret"]
+__all__ = ["Environment", "RedactingFilter", "redact", "register_secret"]
 
 
 class RedactingFilter(logging.Filter):
@@ -26,10 +26,6 @@ class RedactingFilter(logging.Filter):
             if cleaned != message:
                 record.msg, record.args = cleaned, None
         return True
-
-
-def install_redaction(handler: logging.Handler) -> None:
-    handler.addFilter(RedactingFilter())
 
 
 class Environment:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from moa._version import __version__
-from moa.env import install_redaction
+from moa.env import RedactingFilter
 from moa.errors import USAGE_ERRORS, MissingExtraError, MoAError
 
 __all__ = ["cli", "main"]
@@ -51,7 +51,7 @@ def _fail(ctx: click.Context, error: BaseException, code: int) -> None:
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    install_redaction(handler)
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

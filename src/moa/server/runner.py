@@ -24,7 +24,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from moa.engine import MoA
-from moa.env import RedactingFilter, install_redaction
+from moa.env import RedactingFilter
 from moa.errors import ConfigError
 from moa.server.app import (
     DEFAULT_HEARTBEAT_S,
@@ -91,7 +91,7 @@ def redact_server_logs() -> None:
     for logger in (root, *(logging.getLogger(name) for name in _LOGGERS)):
         for handler in logger.handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-                install_redaction(handler)
+                handler.addFilter(RedactingFilter())
     if logging.getLogger("moa").getEffectiveLevel() > logging.INFO:
         logging.getLogger("moa.server").setLevel(logging.INFO)
 
