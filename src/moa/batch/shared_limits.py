@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Awaitable, Callable, Mapping
 
 from moa.config import ProviderConfig
-from moa.providers.base import Provider
+from moa.providers import Limiter, Provider
 from moa.providers.limits import GatedProvider, LimitGate, Limits, Reservation, outcome
 
 __all__ = [
@@ -109,9 +109,7 @@ class SharedLimitsProvider(GatedProvider):
         self._finish(ticket, reservation.used, *outcome(error))
 
 
-def shared_limits(
-    admit: Admit, finish: Finish
-) -> Callable[[str, ProviderConfig, Provider], Provider]:
+def shared_limits(admit: Admit, finish: Finish) -> Limiter:
     """A limiter for `moa.providers.build_providers`: each limited provider's calls are admitted
     by the Gatekeeper behind `admit` / `finish`, instead of by limits held in this process."""
 

@@ -121,8 +121,7 @@ class CallCache:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._closed = False
-        with self._lock:
-            self._open()
+        self._open()
 
     # --- lifecycle ------------------------------------------------------------------------
 

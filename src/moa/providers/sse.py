@@ -61,12 +61,8 @@ class SSEDecoder:
                 self._pending_cr = True
                 buffer += b"\n"  # ends the line now; a following LF is dropped above
             *lines, self._buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        events: list[ServerSentEvent] = []
-        for line in lines:
-            event = self._line(line.decode("utf-8", "replace"))
-            if event is not None:
-                events.append(event)
-        return events
+        events = [self._line(line.decode("utf-8", "replace")) for line in lines]
+        return [event for event in events if event is not None]
 
     def _line(self, line: str) -> ServerSentEvent | None:
         if not line:
