@@ -9,47 +9,37 @@ from moa.errors import ConfigError
 
 __all__ = ["PRESETS", "preset_config", "preset_description"]
 
-_TOGETHER = {"base_url": "https://api.together.xyz/v1", "api_key_env": "TOGETHER_API_KEY"}
-_GROQ = {"base_url": "https://api.groq.com/openai/v1", "api_key_env": "GROQ_API_KEY"}
-_OPENAI = {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"}
+#: The hosted providers presets use: each one's endpoint and the variable that holds its key.
+_ENDPOINTS = {
+    "together": {"base_url": "https://api.together.xyz/v1", "api_key_env": "TOGETHER_API_KEY"},
+    "groq": {"base_url": "https://api.groq.com/openai/v1", "api_key_env": "GROQ_API_KEY"},
+    "openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"},
+}
 
-
-def _agents(provider: str, *models: str) -> list[dict[str, Any]]:
-    return [{"provider": provider, "model": m} for m in models]
-
-
-_TOGETHER_PROPOSERS = _agents(
-    "together",
+_TOGETHER_PROPOSERS = [
     "meta-llama/Llama-3.3-70B-Instruct-Turbo",
     "Qwen/Qwen2.5-72B-Instruct-Turbo",
     "Qwen/Qwen2.5-Coder-32B-Instruct",
     "microsoft/WizardLM-2-8x22B",
-)
-_PAPER_PROPOSERS = _agents(
-    "together",
+]
+_PAPER_PROPOSERS = [
     "Qwen/Qwen1.5-110B-Chat",
     "Qwen/Qwen1.5-72B-Chat",
     "microsoft/WizardLM-2-8x22B",
     "meta-llama/Llama-3-70b-chat-hf",
     "mistralai/Mixtral-8x22B-Instruct-v0.1",
     "databricks/dbrx-instruct",
-)
+]
 
 _QWEN25_72B = "Qwen/Qwen2.5-72B-Instruct-Turbo"
 
 
-def _hosted(
-    provider: str,
-    endpoint: dict[str, str],
-    proposers: list[dict[str, Any]],
-    aggregator: str,
-    *,
-    layers: int,
-) -> dict[str, Any]:
-    """A hosted preset: proposers at temperature 0.7 and 512 tokens, a 2048-token aggregator."""
+def _hosted(provider: str, proposers: list[str], aggregator: str, *, layers: int) -> dict[str, Any]:
+    """A hosted preset: the models `proposers` at temperature 0.7 and 512 tokens, a 2048-token
+    aggregator."""
     return {
-        "providers": {provider: endpoint},
-        "proposers": proposers,
+        "providers": {provider: _ENDPOINTS[provider]},
+        "proposers": [{"provider": provider, "model": model} for model in proposers],
         "aggregator": {"provider": provider, "model": aggregator, "max_tokens": 2048},
         "layers": layers,
         "temperature": 0.7,
@@ -78,34 +68,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         # answers take minutes.
         "timeout": 600,
     },
-    "together": _hosted("together", _TOGETHER, _TOGETHER_PROPOSERS, _QWEN25_72B, layers=3),
-    "together-lite": _hosted("together", _TOGETHER, _TOGETHER_PROPOSERS, _QWEN25_72B, layers=2),
+    "together": _hosted("together", _TOGETHER_PROPOSERS, _QWEN25_72B, layers=3),
+    "together-lite": _hosted("together", _TOGETHER_PROPOSERS, _QWEN25_72B, layers=2),
     # The paper's setups (Wang et al. 2024, section 3.1): six open proposers, temperature 0.7.
-    "paper-moa": _hosted(
-        "together", _TOGETHER, _PAPER_PROPOSERS, "Qwen/Qwen1.5-110B-Chat", layers=3
-    ),
-    "paper-moa-lite": _hosted(
-        "together", _TOGETHER, _PAPER_PROPOSERS, "Qwen/Qwen1.5-72B-Chat", layers=2
-    ),
+    "paper-moa": _hosted("together", _PAPER_PROPOSERS, "Qwen/Qwen1.5-110B-Chat", layers=3),
+    "paper-moa-lite": _hosted("together", _PAPER_PROPOSERS, "Qwen/Qwen1.5-72B-Chat", layers=2),
     "groq": _hosted(
         "groq",
-        _GROQ,
-        _agents(
-            "groq",
+        [
             "llama-3.3-70b-versatile",
             "openai/gpt-oss-120b",
             "qwen/qwen3-32b",
             "llama-3.1-8b-instant",
-        ),
+        ],
         "llama-3.3-70b-versatile",
         layers=2,
     ),
     "openai": _hosted(
-        "openai",
-        _OPENAI,
-        _agents("openai", "gpt-4.1-mini", "gpt-4o-mini", "gpt-4.1-nano"),
-        "gpt-4.1",
-        layers=2,
+        "openai", ["gpt-4.1-mini", "gpt-4o-mini", "gpt-4.1-nano"], "gpt-4.1", layers=2
     ),
 }
 
