@@ -82,10 +82,6 @@ class OutputSet:
     #: Rows set aside, by reason.
     skipped: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def has_ids(self) -> bool:
-        return all(row.id is not None for row in self.rows)
-
 
 def _strings(value: Any) -> tuple[str, ...] | None:
     """A non-empty list of strings, as a tuple; None for anything else."""
@@ -183,7 +179,7 @@ def _index(rows: tuple[OutputRow, ...], by_id: bool) -> dict[str, OutputRow]:
 def match_outputs(a: OutputSet, b: OutputSet) -> Matching:
     """Pair A's rows with B's: by id when every row of both files has one, else by prompt.
     Items follow A's order."""
-    by_id = a.has_ids and b.has_ids
+    by_id = all(row.id is not None for row in (*a.rows, *b.rows))
     index_a, index_b = _index(a.rows, by_id), _index(b.rows, by_id)
     items: list[PairItem] = []
     mismatches = turn_mismatches = 0

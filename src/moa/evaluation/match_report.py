@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moa.evaluation.accuracy import CategoryAccuracy, Paired, ScoredSystem, flipped
-from moa.evaluation.report import cell, table
+from moa.evaluation.report import cell, percent, table
 
 __all__ = ["match_json", "match_markdown"]
 
@@ -14,12 +14,8 @@ __all__ = ["match_json", "match_markdown"]
 _FLIPS_SHOWN = 40
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
 def _accuracy_row(name: str, acc: CategoryAccuracy) -> list[str]:
-    return [name, _pct(acc.accuracy), _pct(acc.standard_error), str(acc.correct), str(acc.n)]
+    return [name, percent(acc.accuracy), percent(acc.standard_error), str(acc.correct), str(acc.n)]
 
 
 def _system_markdown(system: ScoredSystem) -> list[str]:

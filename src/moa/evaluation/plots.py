@@ -100,33 +100,11 @@ def plot_mt_bench(report: MTBenchReport, path: Path) -> None:
     _save(plt, figure, path)
 
 
-def _bars(
-    path: Path,
-    title: str,
-    labels: Sequence[str],
-    values: Sequence[float],
-    errors: Sequence[float],
-    *,
-    ylabel: str,
-    reference: float | None = None,
-) -> None:
-    plt = _pyplot(path)
-    figure, axes = plt.subplots(figsize=(max(4.5, 1.6 * len(labels) + 1.5), 4))
-    axes.bar(range(len(labels)), values, yerr=errors, capsize=6, color="#4c78a8")
-    if reference is not None:
-        axes.axhline(reference, color="grey", linewidth=1, linestyle="--")
-    axes.set_xticks(range(len(labels)))
-    axes.set_xticklabels(labels)
-    axes.set_ylim(0, 100)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title, fontsize=10)
-    _save(plt, figure, path)
-
-
 def plot_pairwise(
     report: PairwiseReport, path: Path, controlled: LengthControlled | None = None
 ) -> None:
     """A's win rate over B in percent, ± one standard error; 50 % dashed."""
+    plt = _pyplot(path)
     summary = report.summary
     labels, values, errors = (
         ["raw"],
@@ -137,15 +115,15 @@ def plot_pairwise(
         labels.append("length-controlled")
         values.append(100 * controlled.win_rate)
         errors.append(100 * (controlled.standard_error or 0.0))
-    _bars(
-        path,
-        f"{report.a.name} over {report.b.name}, judge {report.judge}",
-        labels,
-        values,
-        errors,
-        ylabel="win rate (%)",
-        reference=50.0,
-    )
+    figure, axes = plt.subplots(figsize=(max(4.5, 1.6 * len(labels) + 1.5), 4))
+    axes.bar(range(len(labels)), values, yerr=errors, capsize=6, color="#4c78a8")
+    axes.axhline(50.0, color="grey", linewidth=1, linestyle="--")
+    axes.set_xticks(range(len(labels)))
+    axes.set_xticklabels(labels)
+    axes.set_ylim(0, 100)
+    axes.set_ylabel("win rate (%)")
+    axes.set_title(f"{report.a.name} over {report.b.name}, judge {report.judge}", fontsize=10)
+    _save(plt, figure, path)
 
 
 def plot_match(systems: Sequence[ScoredSystem], path: Path) -> None:

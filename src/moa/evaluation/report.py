@@ -21,6 +21,7 @@ __all__ = [
     "mt_bench_markdown",
     "pairwise_json",
     "pairwise_markdown",
+    "percent",
     "table",
     "write_json",
 ]
@@ -37,7 +38,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
@@ -63,8 +64,8 @@ def pairwise_markdown(report: PairwiseReport) -> str:
         [
             [
                 f"{a} over {b}",
-                _percent(s.win_rate),
-                _percent(s.standard_error),
+                percent(s.win_rate),
+                percent(s.standard_error),
                 str(s.wins),
                 str(s.ties),
                 str(s.losses),
