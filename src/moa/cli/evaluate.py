@@ -12,8 +12,9 @@ import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import click
 
@@ -56,6 +57,7 @@ __all__ = ["command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 #: Room for a few sentences of reasons before the verdict line.
 DEFAULT_JUDGE_MAX_TOKENS = 1024
@@ -218,11 +220,18 @@ def _open_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
     return _pipeline_judge(options, cache)
 
 
-def _run_judged(
-    chosen: dict[str, Any], evaluate: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
-) -> T:
-    """`evaluate(judge, *args, **kwargs)` with the judge (and cache) the `chosen` judge options
-    name and a progress bar on a terminal; closes all."""
+class _Evaluation(Protocol[T_co]):
+    """An evaluation with its inputs bound (a `functools.partial`): it wants the judge and the
+    progress hooks."""
+
+    def __call__(
+        self, judge: Judge, /, *, on_start: Callable[[int], None], on_done: Callable[[int], None]
+    ) -> Awaitable[T_co]: ...
+
+
+def _run_judged(chosen: dict[str, Any], evaluate: _Evaluation[T]) -> T:
+    """`evaluate` with the judge (and cache) the `chosen` judge options name and a progress bar
+    on a terminal; closes all."""
     options = JudgeOptions(**chosen)
     path = cache_file(options.cache_path, options.no_cache)
     with CallCache(path) if path is not None else contextlib.nullcontext() as cache:
@@ -231,9 +240,7 @@ def _run_judged(
         async def go() -> T:
             try:
                 with CountBar("judging", sys.stderr) as bar:
-                    return await evaluate(
-                        judge, *args, on_start=bar.started, on_done=bar.done, **kwargs
-                    )
+                    return await evaluate(judge, on_start=bar.started, on_done=bar.done)
             finally:
                 await judge.aclose()
 
@@ -296,7 +303,7 @@ def pairwise(
     """
     a = load_outputs(a_path, name_a)
     b = load_outputs(b_path, name_b)
-    report = _run_judged(judge, evaluate_pairwise, a, b, limit=limit)
+    report = _run_judged(judge, partial(evaluate_pairwise, a=a, b=b, limit=limit))
     markdown, data = pairwise_markdown(report), pairwise_json(report)
     controlled = fit_from_results(report.results) if length_controlled else None
     if length_controlled:
@@ -354,13 +361,15 @@ def mt_bench(
     answers, skipped = load_answers(answers_path)
     report = _run_judged(
         judge,
-        evaluate_mt_bench,
-        questions,
-        answers,
-        answers_path=str(answers_path),
-        questions_path=str(questions_path),
-        limit=limit,
-        skipped_answers=skipped,
+        partial(
+            evaluate_mt_bench,
+            questions=questions,
+            answers=answers,
+            answers_path=str(answers_path),
+            questions_path=str(questions_path),
+            limit=limit,
+            skipped_answers=skipped,
+        ),
     )
     finish_report(
         mt_bench_markdown(report),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,10 @@ def flask(
         names.add(name)
         systems.append(replace(answers, name=name))
     report = _run_judged(
-        judge, evaluate_flask, items, systems, items_path=str(items_path), limit=limit
+        judge,
+        partial(
+            evaluate_flask, items=items, systems=systems, items_path=str(items_path), limit=limit
+        ),
     )
     finish_report(
         flask_markdown(report),
