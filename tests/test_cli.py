@@ -126,6 +126,18 @@ def test_a_missing_key_is_exit_2_and_no_request_is_sent(
     assert fake.requests == []
 
 
+def test_a_missing_env_file_is_exit_2_with_one_line(
+    fake: FakeOpenAIServer, config: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "keys.env"
+    done = moa("ask", "--config", str(config), "--env-file", str(missing), "q")
+    assert done.returncode == 2 and fake.requests == []
+    assert done.stderr == f"error: {missing}: no such .env file\n"
+    config.write_text(config.read_text() + "env_file: keys.env\n")  # the config's own, too
+    done = moa("ask", "--config", str(config), "q")
+    assert done.returncode == 2 and done.stderr == f"error: {missing}: no such .env file\n"
+
+
 def test_a_failed_run_is_exit_1_with_one_line(fake: FakeOpenAIServer, config: Path) -> None:
     fake.script("p1", Reply(status=401))
     fake.script("p2", Reply(status=403))

@@ -2,10 +2,10 @@
 
 rows.py      reading and checking the input (AlpacaEval, MT-Bench, OpenAI messages)
 store.py     the append-only, fsynced, lockable output that runs resume from
-runner.py    rows concurrently through the pipeline, each saved as it ends
+runner.py    a row worker (the pipeline, a row's record), rows concurrently in this process
 export.py    AlpacaEval and MT-Bench (FastChat) answer files
 progress.py  the bar on a terminal, periodic lines elsewhere
-distributed.py  what the multi-process engines share: the job, a row worker, the ledger
+distributed.py  what every engine shares: the job, the ledger of rows waiting, held, written
 shared_limits.py  provider limits held once for every worker (the Gatekeeper)
 workers.py   --workers N: worker processes on this machine
 ray_engine.py  --engine ray: the workers as Ray actors

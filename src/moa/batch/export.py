@@ -94,7 +94,9 @@ def export(
 ) -> ExportSummary:
     """Write the finished rows. A row made by the pipeline `pipeline` (a fingerprint) is
     labelled `generator`; one made by another pipeline keeps the generator it was made under."""
-    finished = [(row, records[row.key]) for row in rows if _finished(records.get(row.key))]
+    finished = [
+        (row, records[row.key]) for row in rows if records.get(row.key, {}).get("ok") is True
+    ]
 
     def label(record: Mapping[str, Any]) -> str:
         own = record.get("generator")
@@ -119,10 +121,6 @@ def export(
             "kept in the output file: fix that and rerun the same command to export them"
         ) from None
     return ExportSummary(path=path, written=len(finished), missing=len(rows) - len(finished))
-
-
-def _finished(record: Mapping[str, Any] | None) -> bool:
-    return record is not None and record.get("ok") is True
 
 
 def _alpaca_eval(row: Row, record: Mapping[str, Any], generator: str) -> dict[str, Any]:

@@ -70,8 +70,8 @@ class OutputStore:
         self._fd = fd
         #: Ids whose row is done: skipped on resume, never written again.
         self.finished: set[str] = set()
-        #: Ids whose latest record is a failure: run again.
-        self.failed: set[str] = set()
+        #: Ids with a record: a later one supersedes it, unless it is finished.
+        self._seen: set[str] = set()
         self._superseded = 0
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -103,50 +103,36 @@ class OutputStore:
         return store
 
     def _recover(self) -> None:
-        with open(self.path, "rb") as file:
-            data = file.read()
-        if not data:
-            return
-        body, newline, tail = data.rpartition(b"\n")
-        lines = body.split(b"\n") if newline else []
-        if tail:  # the last line has no newline: the run before was killed while writing it
-            if _parse_record(tail) is not None:
-                os.write(self._fd, b"\n")  # whole, only the newline was lost: keep it
-                lines.append(tail)
-            else:
-                cut = len(data) - len(tail)
-                os.ftruncate(self._fd, cut)
-                os.fsync(self._fd)
-                log.warning(
-                    "%s: dropped a torn last line (%d bytes) left by an interrupted run; "
-                    "its row will run again",
-                    self.path,
-                    len(tail),
-                )
-        unreadable = 0
-        for line in lines:
-            if not line.strip():
-                continue
-            record = _parse_record(line)
-            if record is None:
-                unreadable += 1
-                continue
-            self._note(record)
+        data = self.path.read_bytes()
+        tail = data.rpartition(b"\n")[2]
+        if tail and _parse_record(tail) is not None:
+            os.write(self._fd, b"\n")  # whole, only the newline was lost: keep it
+        elif tail:  # the last line has no newline: the run before was killed while writing it
+            data = data[: len(data) - len(tail)]
+            os.ftruncate(self._fd, len(data))
+            os.fsync(self._fd)
+            log.warning(
+                "%s: dropped a torn last line (%d bytes) left by an interrupted run; "
+                "its row will run again",
+                self.path,
+                len(tail),
+            )
+        lines = _parse_lines(data)
+        for _, record in lines:
+            if record is not None:
+                self._note(record)
+        unreadable = sum(record is None for _, record in lines)
         if unreadable:
             log.warning(
                 "%s: %d line(s) are not batch records; left as they are", self.path, unreadable
             )
 
     def _note(self, record: StoredRecord) -> None:
-        if record.key in self.finished or record.key in self.failed:
+        if record.key in self._seen:
             self._superseded += 1  # an earlier line for this id no longer counts
-        if record.key in self.finished:
-            return
+        self._seen.add(record.key)
         if record.ok:
-            self.failed.discard(record.key)
             self.finished.add(record.key)
-        else:
-            self.failed.add(record.key)
 
     # --- appending --------------------------------------------------------------------------
 
@@ -196,7 +182,7 @@ class OutputStore:
 
     def records(self) -> dict[str, dict[str, Any]]:
         """The record that counts for each id: its finished one, else its latest failure."""
-        lines = _read_lines(self.path)
+        lines = _parse_lines(self.path.read_bytes())
         return {
             key: record.data
             for key, index in _authoritative(lines).items()
@@ -226,7 +212,7 @@ class OutputStore:
     def _compact(self) -> None:
         """Rewrite the file keeping one record per id (and any line that is not a record);
         atomic, so a kill during it leaves either the old file or the new one."""
-        lines = _read_lines(self.path)
+        lines = _parse_lines(self.path.read_bytes())
         keep = set(_authoritative(lines).values())
         kept = [
             line + b"\n" for i, (line, record) in enumerate(lines) if record is None or i in keep
@@ -235,10 +221,9 @@ class OutputStore:
         self._superseded = 0
 
 
-def _read_lines(path: Path) -> list[tuple[bytes, StoredRecord | None]]:
+def _parse_lines(data: bytes) -> list[tuple[bytes, StoredRecord | None]]:
     """Every non-blank line with its record (None for a line that is not one)."""
-    with open(path, "rb") as file:
-        return [(line, _parse_record(line)) for raw in file if (line := raw.rstrip(b"\n")).strip()]
+    return [(line, _parse_record(line)) for line in data.split(b"\n") if line.strip()]
 
 
 def _authoritative(lines: list[tuple[bytes, StoredRecord | None]]) -> dict[str, int]:

@@ -57,8 +57,7 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(logging.WARNING)
     if verbose:
         logging.getLogger("moa").setLevel(logging.DEBUG)
-        for name in ("aiohttp.client",):
-            logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger("aiohttp.client").setLevel(logging.INFO)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

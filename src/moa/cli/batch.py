@@ -307,11 +307,11 @@ def _check_other_pipelines(store: OutputStore, fingerprint: str, keep: bool) -> 
 
 
 def _refuse_same_file(input_path: Path, output_path: Path, export_path: Path | None) -> None:
-    paths = {"INPUT": input_path, "--output": output_path}
-    if export_path is not None:
-        paths["--export"] = export_path
+    paths = {"INPUT": input_path, "--output": output_path, "--export": export_path}
     seen: dict[Path, str] = {}
     for option, path in paths.items():
+        if path is None:
+            continue
         resolved = path.resolve()
         if resolved in seen:
             raise click.UsageError(f"{option} and {seen[resolved]} name the same file: {path}")

@@ -10,7 +10,6 @@ import click
 
 from moa.config import ConfigFile, load_config
 from moa.env import Environment
-from moa.errors import ConfigError
 from moa.presets import preset_config
 from moa.providers.cache import default_cache_path
 
@@ -125,7 +124,5 @@ def load_selected(config_path: Path | None, preset: str | None) -> tuple[ConfigF
 
 
 def environment(config: ConfigFile, env_file: Path | None) -> Environment:
-    path = env_file or (Path(config.env_file) if config.env_file else None)
-    if path is not None and not path.is_file():
-        raise ConfigError(f"{path}: no such .env file")
-    return Environment(env_file=path)
+    """The environment, with the .env file of --env-file, else the config's, applied."""
+    return Environment(env_file=env_file or config.env_file or None)
