@@ -195,7 +195,7 @@ class PlainProgress:
             self._line(stats.describe())
 
     def finish(self, stats: BatchStats, *, completed: bool = True) -> None:
-        self._line(f"{_ending(completed)} {format_duration(stats.elapsed_s)}: {stats.describe()}")
+        self._line(_summary(stats, completed))
 
 
 class TerminalProgress:
@@ -230,14 +230,13 @@ class TerminalProgress:
     def finish(self, stats: BatchStats, *, completed: bool = True) -> None:
         self.update(stats)
         self._progress.stop()
-        self.console.print(
-            f"batch {_ending(completed)} {format_duration(stats.elapsed_s)}: {stats.describe()}",
-            highlight=False,
-        )
+        self.console.print(f"batch {_summary(stats, completed)}", highlight=False)
 
 
-def _ending(completed: bool) -> str:
-    return "done in" if completed else "stopped (rerun the same command to resume) after"
+def _summary(stats: BatchStats, completed: bool) -> str:
+    """The last line of a run: how it ended, after how long, with what."""
+    ending = "done in" if completed else "stopped (rerun the same command to resume) after"
+    return f"{ending} {format_duration(stats.elapsed_s)}: {stats.describe()}"
 
 
 def make_progress(stream: TextIO, *, interval: float = 10.0) -> ProgressView:
