@@ -227,6 +227,9 @@ def test_choosing_the_judge_is_checked(judge_config: Path, systems: tuple[Path, 
     assert no_key.exit_code == 2 and "OPENAI_API_KEY" in no_key.stderr
     both = run("pairwise", *systems, "--judge-preset", "openai", "-c", judge_config)
     assert both.exit_code == 2 and "--judge-preset takes no --config" in both.stderr
+    missing = judge_config.parent / "missing.env"
+    no_env = run("pairwise", *systems, *judge_args(judge_config), "--env-file", missing)
+    assert no_env.exit_code == 2 and no_env.stderr == f"error: {missing}: no such .env file\n"
 
 
 def test_a_config_with_one_provider_needs_only_the_model(

@@ -141,12 +141,6 @@ def _builtin_provider_names() -> list[str]:
     return names
 
 
-def _environment(env_file: Path | str | None) -> Environment:
-    if env_file is not None and not Path(env_file).is_file():
-        raise ConfigError(f"{env_file}: no such .env file")
-    return Environment(env_file=env_file)
-
-
 def _split_judge(spec: str, providers: dict[str, ProviderConfig], source: str) -> tuple[str, str]:
     provider, sep, model = spec.partition("/")
     if not sep:
@@ -172,7 +166,7 @@ def _single_judge(options: JudgeOptions, cache: CallCache | None) -> Judge:
     else:
         providers, env_file, source = _builtin_providers(), None, "the built-in providers"
     name, model = _split_judge(options.judge, providers, source)
-    env = _environment(options.env_file or env_file)
+    env = Environment(env_file=options.env_file or env_file)
     agent = resolve_agent(
         providers, provider=name, model=model, temperature=0.0, max_tokens=options.judge_max_tokens
     )
