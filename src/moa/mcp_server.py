@@ -40,11 +40,11 @@ _INSTRUCTIONS = (
 )
 
 
-def build_server(pipelines: Mapping[str, MoA], default: str | None = None) -> MCPServer:
-    """An MCP server over `pipelines`; `ask` without a pipeline uses `default` (or the first)."""
+def build_server(pipelines: Mapping[str, MoA]) -> MCPServer:
+    """An MCP server over `pipelines`; `ask` without a pipeline uses the first."""
     if not pipelines:
         raise ValueError("build_server needs at least one pipeline")
-    default = default or next(iter(pipelines))
+    default = next(iter(pipelines))
     server: MCPServer = MCPServer(name="moa", instructions=_INSTRUCTIONS, version=__version__)
 
     @server.tool(
@@ -143,14 +143,13 @@ def _error(message: str) -> CallToolResult:
 def run_server(
     pipelines: Mapping[str, MoA],
     *,
-    default: str | None = None,
     http: bool = False,
     host: str = "127.0.0.1",
     port: int = 8000,
 ) -> None:
     """Serve over stdio (or streamable HTTP at http://HOST:PORT/mcp) until the client or a
     signal ends it; then close the providers. Takes ownership of the pipelines."""
-    server = build_server(pipelines, default)
+    server = build_server(pipelines)
 
     async def main() -> None:
         try:

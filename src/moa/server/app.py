@@ -155,8 +155,7 @@ def create_app(
     if metrics:
         from moa.server.metrics import MetricsMiddleware, ServerMetrics
 
-        state.metrics = ServerMetrics()
-        state.metrics.started(list(state.pipelines))
+        state.metrics = ServerMetrics(state.pipelines)
         routes.append(Route("/metrics", state.metrics.endpoint, methods=["GET"]))
         middleware.insert(0, Middleware(MetricsMiddleware, metrics=state.metrics))
     if tracing.available():

@@ -17,7 +17,7 @@ request, so a client cannot grow the number of series.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 try:
@@ -54,7 +54,7 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, pipelines: Iterable[str]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -82,15 +82,12 @@ class ServerMetrics:
             registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("moa_runs_in_flight", "Runs going on.", ["pipeline"], registry=r)
+        for name in pipelines:  # every pipeline's gauge shows from the start, at 0
+            self.in_flight.labels(name)
 
     def observed(self, moa: MoA) -> MoA:
         """The same pipeline, counting what its runs do."""
         return _ObservedMoA(moa, self)
-
-    def started(self, pipelines: list[str]) -> None:
-        """Show every pipeline's in-flight gauge from the start (at 0)."""
-        for name in pipelines:
-            self.in_flight.labels(name)
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
