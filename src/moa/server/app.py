@@ -16,7 +16,6 @@ The app owns the pipelines it is given: their providers are closed when it shuts
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,8 +59,6 @@ __all__ = [
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 64
 DEFAULT_HEARTBEAT_S = 15.0
-
-log = logging.getLogger("moa.server")
 
 
 @dataclass
