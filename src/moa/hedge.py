@@ -51,8 +51,6 @@ class HedgedProvider(ProviderWrapper):
         self.backup = backup
         self.after = after
         self.winner: Side | None = None
-        #: Hedges started over all attempts of the call.
-        self.hedges = 0
 
     async def complete(self, request: ChatRequest) -> Completion:
         return await collect(self.stream(request))
@@ -82,7 +80,6 @@ class HedgedProvider(ProviderWrapper):
                     tasks["hedge"] = asyncio.create_task(
                         _pump(self.backup, request, "hedge", queue)
                     )
-                    self.hedges += 1
                     continue
                 if winner is not None and side != winner:
                     continue  # the loser's last words, already cancelled

@@ -61,20 +61,13 @@ def escape_fence(text: str, token: str) -> str:
     return text.replace(token, f"{token[:4]}\u2060{token[4:]}")
 
 
-def _open(token: str, number: int) -> str:
-    return f"<<<candidate {number} {token}>>>"
-
-
-def _close(token: str, number: int) -> str:
-    return f"<<<end of candidate {number} {token}>>>"
-
-
 def render_references(
     references: Sequence[str], token: str, *, instruction: str = SYNTHESIS_INSTRUCTION
 ) -> str:
     """The instruction (a format string with {token}), then the numbered, fenced references."""
     blocks = [
-        f"{_open(token, n)}\n{escape_fence(text, token)}\n{_close(token, n)}"
+        f"<<<candidate {n} {token}>>>\n{escape_fence(text, token)}\n"
+        f"<<<end of candidate {n} {token}>>>"
         for n, text in enumerate(references, start=1)
     ]
     return instruction.format(token=token) + "\n\n" + "\n\n".join(blocks)

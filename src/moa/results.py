@@ -174,18 +174,15 @@ class Aggregation:
     note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"strategy": self.strategy}
-        if self.chosen is not None:
-            data["chosen"] = self.chosen
-        if self.counts is not None:
-            data["counts"] = dict(self.counts)
-        if self.scores:
-            data["scores"] = [s.to_dict() for s in self.scores]
-        if self.steps is not None:
-            data["steps"] = self.steps
-        if self.note is not None:
-            data["note"] = self.note
-        return data
+        data = {
+            "strategy": self.strategy,
+            "chosen": self.chosen,
+            "counts": None if self.counts is None else dict(self.counts),
+            "scores": [s.to_dict() for s in self.scores] or None,
+            "steps": self.steps,
+            "note": self.note,
+        }
+        return {key: value for key, value in data.items() if value is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +202,7 @@ class RunResult:
 
     @property
     def usage(self) -> Usage:
-        total = Usage()
-        for layer in self.layers:
-            for agent in layer.agents:
-                total = total + agent.usage
-        for attempt in self.aggregator_attempts:
-            total = total + attempt.usage
-        return total
+        return sum((call.usage for call in self.calls), Usage())
 
     @property
     def calls(self) -> list[AgentResult]:

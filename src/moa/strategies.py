@@ -19,7 +19,7 @@ import re
 import statistics
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moa.config import AggregationSettings
 from moa.results import AgentResult, Aggregation, CandidateScore, LayerResult, TokenLogprob
@@ -209,22 +209,10 @@ async def _select(candidates: Sequence[AgentResult], call: AggregatorCall) -> De
         why = f"the aggregator's reply {reply!r} names no candidate 1–{len(candidates)}"
     else:
         why = f"the aggregator failed ({result.error})"
-    fallback = vote(candidates)
-    aggregation = Aggregation(
-        "select",
-        chosen=fallback.chosen,
-        counts=fallback.counts,
-        scores=fallback.scores,
-        note=f"{why}: chosen by vote instead",
+    aggregation = replace(
+        vote(candidates), strategy="select", note=f"{why}: chosen by vote instead"
     )
-    return _chosen_with_calls(aggregation, candidates, (result,))
-
-
-def _chosen_with_calls(
-    aggregation: Aggregation, candidates: Sequence[AgentResult], calls: tuple[AgentResult, ...]
-) -> Decision:
-    decision = _chosen(aggregation, candidates)
-    return Decision(decision.aggregation, output=decision.output, calls=calls)
+    return replace(_chosen(aggregation, candidates), calls=(result,))
 
 
 # --- confidence ----------------------------------------------------------------------------

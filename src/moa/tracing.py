@@ -20,6 +20,7 @@ OpenTelemetry GenAI instrumentations use). API keys never are: no header or key 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -127,9 +128,6 @@ async def traced_run(
     emit: Callable[[Event], None],
 ) -> None:
     """`run(emit)` inside a run span; the span learns the result from the Done event."""
-    if not _listening():
-        await run(emit)
-        return
     with _span(f"moa.run {name}") as span:
         if span is None:
             await run(emit)
@@ -179,15 +177,11 @@ def _record_run(span: Any, providers: Mapping[str, ProviderConfig], result: RunR
     if cost.known:
         attributes["moa.cost_usd"] = cost.usd
     if _capturing() and result.output:
-        attributes["gen_ai.output.messages"] = _messages_json(
-            [{"role": "assistant", "content": result.output}]
-        )
+        attributes["gen_ai.output.messages"] = _answer_json(result.output)
     span.set_attributes(attributes)
 
 
 def _cancelled(error: BaseException) -> bool:
-    import asyncio
-
     return isinstance(error, asyncio.CancelledError | GeneratorExit)
 
 
@@ -230,25 +224,11 @@ def add_event(name: str, **attributes: str | int | float | bool) -> None:
 async def traced_call(
     call: AgentCall, providers: Mapping[str, ProviderConfig], run: Awaitable[AgentResult]
 ) -> AgentResult:
-    """Await one agent call (`run`) inside its span."""
-    if not _listening():
-        return await run
-    with _agent_span(call, providers) as finish:
-        result = await run
-        finish(result)
-        return result
-
-
-@contextlib.contextmanager
-def _agent_span(
-    call: AgentCall, providers: Mapping[str, ProviderConfig]
-) -> Iterator[Callable[[AgentResult], None]]:
-    """One agent call (retries included). Yields `finish(result)` to record its outcome."""
+    """Await one agent call (`run`, retries included) inside its span."""
     agent = call.agent
     with _span(f"chat {agent.model}", _trace.SpanKind.CLIENT if _trace else None) as span:
         if span is None:
-            yield _ignore
-            return
+            return await run
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.request.model": agent.model,
@@ -264,47 +244,42 @@ def _agent_span(
             attributes["gen_ai.request.seed"] = agent.seed
         attributes.update(_server(providers, agent.provider))
         span.set_attributes(attributes)
-
-        def finish(result: AgentResult) -> None:
-            from moa.pricing import agent_cost
-
-            span.set_attributes(
-                {
-                    "moa.agent.status": result.status,
-                    "moa.agent.attempts": result.attempts,
-                    "moa.latency_s": result.latency_s,
-                    "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
-                    "gen_ai.usage.output_tokens": result.usage.completion_tokens,
-                }
-            )
-            cost = agent_cost(providers, result)
-            if cost.known:
-                span.set_attribute("moa.cost_usd", cost.usd)
-            if result.hedge is not None:
-                span.set_attribute("moa.agent.hedge_winner", result.hedge)
-            if result.references_trimmed:
-                span.set_attribute("moa.references_trimmed", True)
-            if _capturing() and result.output:
-                span.set_attribute(
-                    "gen_ai.output.messages",
-                    _messages_json([{"role": "assistant", "content": result.output}]),
-                )
-            if result.status == "failed":
-                span.set_attribute("error.type", "agent_failed")
-                span.set_status(_trace.Status(_trace.StatusCode.ERROR, result.error or "failed"))
-
         try:
-            yield finish
+            result = await run
         except BaseException as error:
             if _cancelled(error):
                 span.set_attribute("moa.agent.status", "cancelled")
             else:
                 _fail(span, error)
             raise
+        _record_call(span, providers, result)
+        return result
 
 
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None
+def _record_call(span: Any, providers: Mapping[str, ProviderConfig], result: AgentResult) -> None:
+    from moa.pricing import agent_cost
+
+    span.set_attributes(
+        {
+            "moa.agent.status": result.status,
+            "moa.agent.attempts": result.attempts,
+            "moa.latency_s": result.latency_s,
+            "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": result.usage.completion_tokens,
+        }
+    )
+    cost = agent_cost(providers, result)
+    if cost.known:
+        span.set_attribute("moa.cost_usd", cost.usd)
+    if result.hedge is not None:
+        span.set_attribute("moa.agent.hedge_winner", result.hedge)
+    if result.references_trimmed:
+        span.set_attribute("moa.references_trimmed", True)
+    if _capturing() and result.output:
+        span.set_attribute("gen_ai.output.messages", _answer_json(result.output))
+    if result.status == "failed":
+        span.set_attribute("error.type", "agent_failed")
+        span.set_status(_trace.Status(_trace.StatusCode.ERROR, result.error or "failed"))
 
 
 def _server(providers: Mapping[str, ProviderConfig], name: str) -> dict[str, Any]:
@@ -345,3 +320,7 @@ def _messages_json(messages: Sequence[Any]) -> str:
         ],
         ensure_ascii=False,
     )
+
+
+def _answer_json(text: str) -> str:
+    return _messages_json([{"role": "assistant", "content": text}])

@@ -137,16 +137,12 @@ class ScriptedProvider:
                 yield StreamChunk(text=piece)
             usage = self._usage(answer, request, text)
             yield StreamChunk(finish_reason=answer.finish_reason, usage=usage)
-        except ProviderError:
-            call.ended = loop.time()
+        except (asyncio.CancelledError, GeneratorExit):
+            call.abandoned = True  # cancelled, or the reader left
             raise
-        else:
-            call.ended = loop.time()
         finally:
             self.in_flight -= 1
-            if call.ended is None:  # cancelled, or the reader left
-                call.ended = loop.time()
-                call.abandoned = True
+            call.ended = loop.time()
 
     def _cut(self, request: ChatRequest, sent: str) -> ProviderError:
         if sent:
