@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from moa.config import Agent, ConfigFile, Layer, Pipeline, ProviderConfig, load_
 from moa.env import Environment
 from moa.errors import AggregatorFailed, ConfigError, InvalidRequest, LayerFailed, RunError
 from moa.hedge import call_hedged
+from moa.layer_calls import LayerCalls, stop
 from moa.providers import Limiter, build_providers, local_limits
 from moa.providers.base import (
     ChatMessage,
@@ -505,9 +507,7 @@ class MoA:
         emit: Callable[[Event], None],
         agent_text: bool = False,
     ) -> LayerResult:
-        started = time.monotonic()
         loop = asyncio.get_running_loop()
-        deadline = None if layer.timeout is None else loop.time() + layer.timeout
         watch = StragglerWatch(
             layer.cutoff,
             len(layer.agents),
@@ -516,70 +516,48 @@ class MoA:
             layer.uncut,
             clock=loop.time,
         )
-        tasks: dict[asyncio.Task[AgentResult], int] = {}
-        for index, agent in enumerate(layer.agents):
-            call = self._call(agent, conversation, references, number, index)
-            emit(AgentStarted(number, index, agent.provider, agent.model))
+
+        def start(index: int, agent: Agent) -> Coroutine[Any, Any, AgentResult]:
             on_text = _agent_text(emit, number, index) if agent_text else None
             if watch.watches(index):  # it streams, so that silence tells hung from slow
                 on_text = watch.listen(index, on_text)
-            task = asyncio.create_task(
-                self._call_agent(call, budget, on_text, quiet=not agent_text)
-            )
-            tasks[task] = index
-        results: dict[int, AgentResult] = {}
-        pending = set(tasks)
+            call = self._call(agent, conversation, references, number, index)
+            return self._call_agent(call, budget, on_text, quiet=not agent_text)
+
+        calls = LayerCalls(number, layer, emit, start)
         try:
-            while pending:
-                cut_at = watch.deadline(tasks[t] for t in pending)
-                wake = min((t for t in (deadline, cut_at) if t is not None), default=None)
+            while pending := calls.pending():
+                cut_at = watch.deadline(pending)
+                wake = min((t for t in (calls.deadline, cut_at) if t is not None), default=None)
                 timeout = None if wake is None else max(0.0, wake - loop.time())
-                done, pending = await asyncio.wait(
-                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                await asyncio.wait(
+                    [calls.tasks[i] for i in pending],
+                    timeout=timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-                # Every finished task's outcome is taken before any is raised: siblings that
-                # fail together (BudgetExceeded) must not leave an exception never retrieved.
-                outcomes = [(task, task.exception()) for task in done]
-                for task, failure in outcomes:
-                    if failure is not None:
-                        raise failure  # BudgetExceeded propagates and ends the run
-                    result = task.result()
-                    results[tasks[task]] = result
-                    emit(AgentFinished(result))
-                    if result.ok:
-                        watch.answered(tasks[task], loop.time())
-                if deadline is not None and loop.time() >= deadline:
+                for index in calls.settle():
+                    if calls.results[index].ok:
+                        watch.answered(index, loop.time())
+                if calls.past_deadline():
                     break
-                if watch.due((tasks[t] for t in pending), loop.time()):
-                    pending -= await self._cut(pending, tasks, watch, layer, number, emit, results)
-                ok = sum(r.ok for r in results.values())
-                if ok + len(pending) < layer.min_ok:
+                now = loop.time()
+                if due := watch.due(calls.pending(), now):
+                    await calls.cancel(due, partial(watch.reason, now=now), traced=True)
+                ok = sum(r.ok for r in calls.results.values())
+                if ok + len(calls.pending()) < layer.min_ok:
                     break  # min_ok is out of reach
-        finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-        for task in pending:
-            index = tasks[task]
-            agent = layer.agents[index]
-            results[index] = _cancelled(
-                number,
-                index,
-                agent,
-                f"cancelled at the layer deadline ({layer.timeout:g} s)"
-                if deadline is not None and loop.time() >= deadline
-                else "cancelled: the layer could no longer reach min_ok",
-                time.monotonic() - started,
-            )
-            reason = results[index].error or ""
-            tracing.add_event("moa.agent.cut_off", **{"moa.agent.index": index}, reason=reason)
-            emit(AgentFinished(results[index]))
-        ordered = tuple(results[i] for i in range(len(layer.agents)))
-        tracing.layer_done(ordered)
-        if sum(r.ok for r in ordered) < layer.min_ok:
-            raise LayerFailed(number, layer.min_ok, ordered)
-        return LayerResult(ordered, time.monotonic() - started)
+        except BaseException:
+            await stop(calls.tasks.values())
+            raise
+        why = "cancelled: the layer could no longer reach min_ok"
+        if calls.past_deadline():
+            why = calls.at_deadline
+        await calls.cancel(calls.pending(), why, traced=True)
+        result = calls.result()
+        tracing.layer_done(result.agents)
+        if sum(r.ok for r in result.agents) < layer.min_ok:
+            raise LayerFailed(number, layer.min_ok, result.agents)
+        return result
 
     async def _call_agent(
         self,
@@ -596,38 +574,6 @@ class MoA:
             backup = self.providers[agent.hedge_provider or agent.provider]
             run = call_hedged(provider, backup, call, budget=budget, on_text=on_text, quiet=quiet)
         return await tracing.traced_call(call, self.provider_configs, run)
-
-    async def _cut(
-        self,
-        pending: set[asyncio.Task[AgentResult]],
-        tasks: Mapping[asyncio.Task[AgentResult], int],
-        watch: StragglerWatch,
-        layer: Layer,
-        number: int,
-        emit: Callable[[Event], None],
-        results: dict[int, AgentResult],
-    ) -> set[asyncio.Task[AgentResult]]:
-        """Cancel the stragglers among `pending`; mark them cancelled, with why. Returns them."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        due = set(watch.due((tasks[t] for t in pending), now))
-        cut = {t for t in pending if tasks[t] in due}
-        for task in cut:
-            task.cancel()
-        await asyncio.gather(*cut, return_exceptions=True)
-        for task in sorted(cut, key=tasks.__getitem__):
-            index = tasks[task]
-            agent = layer.agents[index]
-            reason = watch.reason(index, now)
-            if not task.cancelled() and task.exception() is None:  # it answered meanwhile
-                results[index] = task.result()
-            else:
-                tracing.add_event("moa.agent.cut_off", **{"moa.agent.index": index}, reason=reason)
-                results[index] = _cancelled(
-                    number, index, agent, reason, loop.time() - watch.started
-                )
-            emit(AgentFinished(results[index]))
-        return cut
 
     def as_provider(self, name: str | None = None) -> Provider:
         """This pipeline behind the provider protocol: serve it, nest it, or judge with it."""
@@ -666,18 +612,6 @@ class MoA:
 
 
 _FINISHED: Any = object()
-
-
-def _cancelled(layer: int, index: int, agent: Agent, error: str, latency_s: float) -> AgentResult:
-    return AgentResult(
-        layer=layer,
-        index=index,
-        provider=agent.provider,
-        model=agent.model,
-        status="cancelled",
-        error=error,
-        latency_s=latency_s,
-    )
 
 
 def _agent_text(emit: Callable[[Event], None], layer: int, index: int) -> Callable[[str], None]:

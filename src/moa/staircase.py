@@ -25,14 +25,15 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from moa.budget import RunBudget
 from moa.calls import AgentCall
-from moa.config import Layer, ProviderConfig
+from moa.config import Agent, Layer, ProviderConfig
 from moa.continuation import Continuation, WordGate, join_continuation
 from moa.errors import AggregatorFailed, LayerFailed, RunError
+from moa.layer_calls import LayerCalls
 from moa.providers.base import ChatMessage, estimate_text_tokens
 from moa.results import (
     AgentFinished,
@@ -58,38 +59,25 @@ def continuation_for(config: ProviderConfig | None) -> Continuation:
     return "native" if config is not None and config.continues_natively() else "fallback"
 
 
-class _Proposers:
-    """The streaming proposer layer: its tasks, the text each has sent, and their results."""
+class _Proposers(LayerCalls):
+    """The streaming proposer layer: besides its calls, the text each has sent so far."""
 
     def __init__(
         self,
-        moa: MoA,
         number: int,
         layer: Layer,
-        conversation: Sequence[ChatMessage],
-        references: Sequence[str],
-        budget: RunBudget,
         emit: Callable[[Event], None],
         agent_text: bool,
+        start: Callable[[int, Agent, Callable[[str], None]], Coroutine[Any, Any, AgentResult]],
     ) -> None:
-        self.number = number
-        self.layer = layer
-        self.emit = emit
-        self.loop = asyncio.get_running_loop()
-        self.started = self.loop.time()
         self.texts: list[list[str]] = [[] for _ in layer.agents]
         self.first: dict[int, float] = {}
-        self.results: dict[int, AgentResult] = {}
         self.changed = asyncio.Event()
-        self.tasks: dict[int, asyncio.Task[AgentResult]] = {}
-        for index, agent in enumerate(layer.agents):
-            call = moa._call(agent, conversation, references, number, index)
-            emit(AgentStarted(number, index, agent.provider, agent.model))
-            task = asyncio.create_task(moa._call_agent(call, budget, self._collect(index)))
-            task.add_done_callback(lambda _task: self.changed.set())
-            self.tasks[index] = task
         self._agent_text = agent_text
         self._uncuttable = layer.uncut
+        super().__init__(number, layer, emit, lambda i, agent: start(i, agent, self._collect(i)))
+        for task in self.tasks.values():
+            task.add_done_callback(lambda _task: self.changed.set())
 
     def _collect(self, index: int) -> Callable[[str], None]:
         def on_text(text: str) -> None:
@@ -100,16 +88,6 @@ class _Proposers:
                 self.emit(AgentTextDelta(self.number, index, text))
 
         return on_text
-
-    def settle(self) -> None:
-        """Record (and announce) the proposers that have finished."""
-        for index, task in self.tasks.items():
-            if index not in self.results and task.done() and not task.cancelled():
-                self.results[index] = task.result()  # BudgetExceeded ends the run
-                self.emit(AgentFinished(self.results[index]))
-
-    def running(self) -> list[int]:
-        return [i for i, task in self.tasks.items() if not task.done()]
 
     def references(self) -> list[str]:
         """Every proposer's text so far: whole answers, and the partial text of those still
@@ -130,7 +108,6 @@ class _Proposers:
         on, the aggregator stops waiting for slow starters at the cut-off's time, measured on
         first text; they go on, and join the steps once they write (see `cut_silent`)."""
         layer = self.layer
-        deadline = None if layer.timeout is None else self.started + layer.timeout
         enough = max(layer.min_ok, (len(self.tasks) + 1) // 2)
         while True:
             self.settle()
@@ -142,14 +119,14 @@ class _Proposers:
                 # for the model (a prompt being read, or a full batch), so start with the text
                 # there is.
                 return
-            cut_at = deadline
+            cut_at = self.deadline
             if layer.cutoff is not None and len(self.first) >= enough:
                 median = statistics.median(t - self.started for t in self.first.values())
                 straggle = self.started + layer.cutoff.after(median)
                 cut_at = straggle if cut_at is None else min(cut_at, straggle)
             if cut_at is not None and self.loop.time() >= cut_at:
-                if deadline is not None and self.loop.time() >= deadline:
-                    await self.cancel(waiting, self._why(deadline))
+                if self.past_deadline():
+                    await self.cancel(waiting, self.at_deadline)
                 return
             self.changed.clear()
             timeout = None if cut_at is None else cut_at - self.loop.time()
@@ -164,48 +141,11 @@ class _Proposers:
             return
         running = self.running()
         if running and all(i not in self.first and i not in self._uncuttable for i in running):
-            await self.cancel(running, self._why(None))
-
-    def _why(self, deadline: float | None) -> str:
-        if deadline is not None and self.loop.time() >= deadline:
-            return f"cancelled at the layer deadline ({self.layer.timeout:g} s)"
-        return (
-            f"cut off as a straggler: no text after {self.loop.time() - self.started:.1f} s, "
-            "when the others had finished (set wait: all to wait for every agent)"
-        )
-
-    async def cancel(self, indices: Sequence[int], why: str) -> None:
-        """Stop these proposers and record each as cancelled (unless it finished meanwhile)."""
-        tasks = [self.tasks[i] for i in indices]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for index in indices:
-            if index in self.results:
-                continue
-            task = self.tasks[index]
-            if not task.cancelled() and task.exception() is None:
-                self.results[index] = task.result()
-            else:
-                agent = self.layer.agents[index]
-                self.results[index] = AgentResult(
-                    layer=self.number,
-                    index=index,
-                    provider=agent.provider,
-                    model=agent.model,
-                    status="cancelled",
-                    error=why,
-                    latency_s=self.loop.time() - self.started,
-                )
-            self.emit(AgentFinished(self.results[index]))
-
-    def deadline_passed(self) -> bool:
-        timeout = self.layer.timeout
-        return timeout is not None and self.loop.time() >= self.started + timeout
-
-    def result(self) -> LayerResult:
-        ordered = tuple(self.results[i] for i in range(len(self.tasks)))
-        return LayerResult(ordered, self.loop.time() - self.started)
+            why = (
+                f"cut off as a straggler: no text after {self.loop.time() - self.started:.1f} s, "
+                "when the others had finished (set wait: all to wait for every agent)"
+            )
+            await self.cancel(running, why)
 
 
 async def run_staircase(
@@ -225,9 +165,14 @@ async def run_staircase(
     number = len(pipeline.layers)
     aggregator = pipeline.aggregator
     how = continuation_for(moa.provider_configs.get(aggregator.provider))
-    proposers = _Proposers(
-        moa, number, pipeline.layers[-1], conversation, references, budget, emit, agent_text
-    )
+
+    def start(
+        index: int, agent: Agent, on_text: Callable[[str], None]
+    ) -> Coroutine[Any, Any, AgentResult]:
+        call = moa._call(agent, conversation, references, number, index)
+        return moa._call_agent(call, budget, on_text)
+
+    proposers = _Proposers(number, pipeline.layers[-1], emit, agent_text, start)
     ttft: float | None = None
     steps: list[AgentResult] = []
     answer = ""
@@ -274,8 +219,8 @@ async def run_staircase(
             while True:
                 proposers.settle()
                 await proposers.cut_silent()
-                if proposers.deadline_passed():
-                    await proposers.cancel(proposers.running(), proposers._why(0.0))
+                if proposers.past_deadline():
+                    await proposers.cancel(proposers.running(), proposers.at_deadline)
                 last = not proposers.running()
                 left = aggregator.max_tokens - produced
                 size = left if last else min(next(sizes), left)
