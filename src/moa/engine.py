@@ -88,13 +88,10 @@ def normalize_messages(prompt: Prompt) -> list[ChatMessage]:
                 f"message {number}: role must be one of {', '.join(_ROLES)}, got {role!r}"
             )
         content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            texts = [p.get("text", "") for p in content if isinstance(p, Mapping)]
-            if len(texts) != len(content) or any(
-                p.get("type", "text") != "text" for p in content if isinstance(p, Mapping)
-            ):
+        if isinstance(content, list):  # OpenAI content parts: text ones only
+            if not all(isinstance(p, Mapping) and p.get("type", "text") == "text" for p in content):
                 raise InvalidRequest(f"message {number}: only text content is supported")
-            content = "".join(str(t) for t in texts)
+            content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise InvalidRequest(f"message {number}: content must be a string")
         _check_encodable(content, f"message {number}")
@@ -333,7 +330,23 @@ class MoA:
             if decision.output is not None:  # one candidate's text: the answer, all at once
                 ttft = time.monotonic() - started
                 emit(TextDelta(decision.output))
-                emit(Done(self._chosen(decision, layers, started, ttft)))
+                # `aggregator` is the call that chose (select), or a stand-in with attempts=0.
+                chooser = (
+                    decision.calls[-1]
+                    if decision.calls
+                    else AgentResult(
+                        layer=number,
+                        index=0,
+                        provider=self.pipeline.aggregator.provider,
+                        model=self.pipeline.aggregator.model,
+                        status="ok",
+                        output=decision.output,
+                        attempts=0,
+                    )
+                )
+                emit(
+                    self._done(layers, started, ttft, decision.output, chooser, steps, aggregation)
+                )
                 return
             references = list(decision.references)
         for index, agent in enumerate((self.pipeline.aggregator, *self.pipeline.fallbacks)):
@@ -356,19 +369,8 @@ class MoA:
             attempts.append(outcome)
             emit(AgentFinished(outcome, is_aggregator=True))
             if outcome.ok:
-                emit(
-                    Done(
-                        RunResult(
-                            output=outcome.output,
-                            layers=tuple(layers),
-                            aggregator=outcome,
-                            aggregator_attempts=(*steps, *attempts),
-                            latency_s=time.monotonic() - started,
-                            ttft_s=ttft,
-                            aggregation=aggregation,
-                        )
-                    )
-                )
+                tried = (*steps, *attempts)
+                emit(self._done(layers, started, ttft, outcome.output, outcome, tried, aggregation))
                 return
             if outcome.output:
                 break  # the answer died midway: text already went out, so no fallback
@@ -399,47 +401,34 @@ class MoA:
                 instruction=instruction,
             )
             emit(AgentStarted(number, step, agent.provider, agent.model, is_aggregator=True))
-
-            def on_text(text: str) -> None:
-                emit(AgentTextDelta(number, step, text))
-
-            outcome = await self._call_agent(call, budget, on_text if agent_text else None)
+            on_text = _agent_text(emit, number, step) if agent_text else None
+            outcome = await self._call_agent(call, budget, on_text)
             emit(AgentFinished(outcome, is_aggregator=True))
             return outcome
 
         return await decide(self.pipeline.aggregation, layers[-1], ask)
 
-    def _chosen(
+    def _done(
         self,
-        decision: Decision,
         layers: Sequence[LayerResult],
         started: float,
         ttft: float | None,
-    ) -> RunResult:
-        """The result of a run whose answer is one candidate's text. `aggregator` is the call
-        that chose (select), or, when no call was made, a stand-in with attempts=0."""
-        agent = self.pipeline.aggregator
-        chooser = (
-            decision.calls[-1]
-            if decision.calls
-            else AgentResult(
-                layer=len(layers) + 1,
-                index=0,
-                provider=agent.provider,
-                model=agent.model,
-                status="ok",
-                output=decision.output or "",
-                attempts=0,
+        output: str,
+        aggregator: AgentResult,
+        attempts: Sequence[AgentResult],
+        aggregation: Aggregation | None = None,
+    ) -> Done:
+        """The event that ends a run with an answer."""
+        return Done(
+            RunResult(
+                output=output,
+                layers=tuple(layers),
+                aggregator=aggregator,
+                aggregator_attempts=tuple(attempts),
+                latency_s=time.monotonic() - started,
+                ttft_s=ttft,
+                aggregation=aggregation or Aggregation(),
             )
-        )
-        return RunResult(
-            output=decision.output or "",
-            layers=tuple(layers),
-            aggregator=chooser,
-            aggregator_attempts=decision.calls,
-            latency_s=time.monotonic() - started,
-            ttft_s=ttft,
-            aggregation=decision.aggregation,
         )
 
     def _partial(

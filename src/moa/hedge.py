@@ -21,6 +21,7 @@ from typing import Literal
 from moa import tracing
 from moa.budget import RunBudget
 from moa.calls import AgentCall, call_agent
+from moa.layer_calls import stop
 from moa.providers.base import (
     ChatRequest,
     Completion,
@@ -98,7 +99,7 @@ class HedgedProvider(ProviderWrapper):
                     if not item.text and not item.finish_reason:
                         continue
                     winner = side
-                    await self._cancel_losers(tasks, winner)
+                    await stop(task for side, task in tasks.items() if side != winner)
                 finish = item.finish_reason or finish
                 usage = item.usage or usage
                 if item.text:
@@ -113,15 +114,7 @@ class HedgedProvider(ProviderWrapper):
                     total = total + Usage(await self._prompt_tokens(side, request), 0)
             yield StreamChunk(finish_reason=finish, usage=total)
         finally:
-            for task in tasks.values():
-                task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-
-    async def _cancel_losers(self, tasks: dict[Side, asyncio.Task[None]], winner: Side) -> None:
-        losers = [task for side, task in tasks.items() if side != winner]
-        for task in losers:
-            task.cancel()
-        await asyncio.gather(*losers, return_exceptions=True)
+            await stop(tasks.values())
 
     async def _prompt_tokens(self, side: Side, request: ChatRequest) -> int:
         provider = self.primary if side == "primary" else self.backup

@@ -40,10 +40,8 @@ from moa.results import (
     AgentResult,
     AgentStarted,
     AgentTextDelta,
-    Done,
     Event,
     LayerResult,
-    RunResult,
     TextDelta,
     Usage,
 )
@@ -270,15 +268,4 @@ async def run_staircase(
         raise
     result = finish(status)
     emit(AgentFinished(result, is_aggregator=True))
-    emit(
-        Done(
-            RunResult(
-                output=answer,
-                layers=(*layers, proposers.result()),
-                aggregator=result,
-                aggregator_attempts=(result,),
-                latency_s=time.monotonic() - started,
-                ttft_s=ttft,
-            )
-        )
-    )
+    emit(moa._done([*layers, proposers.result()], started, ttft, answer, result, (result,)))
