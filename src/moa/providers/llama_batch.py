@@ -28,7 +28,8 @@ import codecs
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ class _Sequence:
         self.slot = -1
         self.text = _Text(job.stop + stop)
         self.logprobs: list[TokenLogprob] = []
-        self.chain = model.sampler(**_fields(job.sampling))
+        self.chain = model.sampler(**asdict(job.sampling))
 
     @property
     def pending(self) -> int:
@@ -150,10 +151,6 @@ class _Sequence:
 
 def _job(item: _Sequence | Job) -> Job:
     return item.job if isinstance(item, _Sequence) else item
-
-
-def _fields(sampling: Sampling) -> dict[str, Any]:
-    return {name: getattr(sampling, name) for name in Sampling.__slots__}
 
 
 class _Slot:
@@ -193,10 +190,10 @@ class Scheduler:
         n_batch: int = 512,
         name: str = "llama",
     ) -> None:
-        self._path = path
+        self._load = partial(
+            LlamaModel, path, n_ctx=n_ctx, n_seq=parallel, n_batch=n_batch, n_threads=n_threads
+        )
         self._n_ctx = n_ctx
-        self._parallel = parallel
-        self._n_threads = n_threads
         self._n_batch = n_batch
         self._name = name
         self.stats = BatchStats()
@@ -213,13 +210,7 @@ class Scheduler:
         """The loaded model (loading it the first time): tokenizing may use it from any thread."""
         with self._load_lock:
             if self._model is None:
-                self._model = LlamaModel(
-                    self._path,
-                    n_ctx=self._n_ctx,
-                    n_seq=self._parallel,
-                    n_batch=self._n_batch,
-                    n_threads=self._n_threads,
-                )
+                self._model = self._load()
             return self._model
 
     def submit(self, job: Job) -> None:
@@ -280,7 +271,6 @@ class Scheduler:
     def _drop_cancelled(self, model: LlamaModel) -> None:
         for sequence in [s for s in self._order if s.job.cancelled.is_set()]:
             self._release(model, sequence, keep=False)
-            sequence.close(model)
         with self._wake:
             items = list(self._waiting)
             self._waiting = deque(i for i in items if not _job(i).cancelled.is_set())
@@ -444,11 +434,12 @@ class Scheduler:
             job.emit("error", error)
         if self._model is not None:
             self._release(self._model, sequence, keep=error is None)
-            sequence.close(self._model)
 
     def _release(self, model: LlamaModel, sequence: _Sequence, *, keep: bool) -> None:
-        """Take a sequence out of its slot. With `keep`, its evaluated cells stay for a later
-        prompt that starts the same way (a staircase step continues the previous one's text)."""
+        """Take a sequence out of its slot and free its sampler. With `keep`, its evaluated
+        cells stay for a later prompt that starts the same way (a staircase step continues the
+        previous one's text)."""
+        sequence.close(model)
         if sequence in self._order:
             self._order.remove(sequence)
         slot = self._slots[sequence.slot]

@@ -52,6 +52,7 @@ _SAMPLING = (
     "repeat_penalty",
     "frequency_penalty",
     "presence_penalty",
+    "seed",
 )
 
 
@@ -67,17 +68,14 @@ def default_model_path() -> Path:
     return path
 
 
-def _seed(request: ChatRequest) -> int:
-    """The request's seed, else a fresh one. Left to itself, llama-cpp-python derives each
-    call's seed from the previous one, starting from the same constant in every process: a
-    restarted server would give the same "random" answers in the same order."""
-    return request.seed if request.seed is not None else secrets.randbits(32)
-
-
 def _sampling(request: ChatRequest) -> Sampling:
-    """The request's sampler settings; unset ones keep llama-cpp-python's chat defaults."""
+    """The request's sampler settings; unset ones keep llama-cpp-python's chat defaults, but
+    for the seed: a fresh one. Left to itself, llama-cpp-python derives each call's seed from
+    the previous one, starting from the same constant in every process: a restarted server
+    would give the same "random" answers in the same order."""
     chosen = {name: value for name in _SAMPLING if (value := getattr(request, name)) is not None}
-    return Sampling(**chosen, seed=_seed(request))
+    chosen.setdefault("seed", secrets.randbits(32))
+    return Sampling(**chosen)
 
 
 class _Template:
@@ -99,6 +97,7 @@ class _Template:
 
     def tokens(self, model: LlamaModel, request: ChatRequest) -> list[int]:
         messages: list[Any] = list(request.messages)
+        partial_answer = ""
         if request.continue_final:
             # Staircase streaming: render up to the assistant's turn and append the partial
             # answer, so the model extends it instead of answering after it.
@@ -107,17 +106,15 @@ class _Template:
                     "this GGUF file has no chat template, so a partial answer cannot be "
                     "continued; use aggregator mode: wait"
                 )
-            *messages, partial_answer = messages
+            *messages, last = messages
+            partial_answer = last["content"]
+        if self._format is not None:
             rendered = self._format(messages=messages)
-            text = rendered.prompt + partial_answer["content"]
-        elif self._format is not None:
-            rendered = self._format(messages=messages)
-            text = rendered.prompt
         else:  # what llama-cpp-python falls back to for a model without a template
             from llama_cpp.llama_chat_format import format_llama2
 
             rendered = format_llama2(messages=messages)
-            text = rendered.prompt
+        text = rendered.prompt + partial_answer
         return model.tokenize(text, add_bos=not rendered.added_special, special=True)
 
 

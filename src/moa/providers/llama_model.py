@@ -95,13 +95,9 @@ class LlamaModel:
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         data = text.encode()
-        room = len(data) + 8
+        room = len(data) + 8  # a token covers at least one byte: room for any text's tokens
         buffer = (self.lib.llama_token * room)()
         n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, room, add_bos, special)
-        if n < 0:  # cannot happen (a token covers at least one byte), but llama.h allows it
-            room = -n
-            buffer = (self.lib.llama_token * room)()
-            n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, room, add_bos, special)
         return list(buffer[:n])
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
