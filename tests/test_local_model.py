@@ -72,8 +72,8 @@ def test_concurrent_calls_on_one_model_decode_together_and_all_finish(local_moa:
     assert len(texts) == 4 and all(texts)  # and every call finished
 
 
-def test_a_cancelled_generation_frees_the_model(local_moa: MoA) -> None:
-    provider = local_moa.providers["local"]
+def test_a_cancelled_generation_frees_the_model() -> None:
+    provider = LlamaCppProvider("local", n_ctx=512)
     long = ChatRequest(
         model="smollm2",
         messages=[{"role": "user", "content": "Write a long story."}],
@@ -81,26 +81,22 @@ def test_a_cancelled_generation_frees_the_model(local_moa: MoA) -> None:
     )
     short = ChatRequest(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
 
-    async def timed(request: ChatRequest) -> float:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await provider.complete(request)
-        return loop.time() - started
+    async def cancel_then_ask() -> tuple[str, int]:
+        try:
+            await provider.complete(short)  # the model is loaded
+            chunks = provider.stream(long)
+            first = await anext(chunks)  # the story is being written
+            await chunks.aclose()  # and its caller leaves, hundreds of tokens before its end
+            await provider.complete(short)
+            return first.text, provider.stats.widest_step
+        finally:
+            await provider.aclose()
 
-    async def cancel_then_ask() -> tuple[float, float]:
-        alone = await timed(short)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.5):
-                await provider.complete(long)
-        return alone, await timed(short)
-
-    if local_moa._runner is None:  # run() made none yet: the MoA closes the one it owns
-        local_moa._runner = asyncio.Runner()
-    alone, after_cancel = local_moa._runner.run(cancel_then_ask())
-    # The abandoned call had hundreds of tokens left, about 100 times a 4-token call; the next
-    # call must not wait for them. Measured against the same short call in the same run, so a
-    # loaded machine slows both sides alike.
-    assert after_cancel < 10 * alone + 1.0, (alone, after_cancel)
+    story, widest = asyncio.run(cancel_then_ask())
+    assert story
+    # The abandoned call left the batch before the next one joined: no step ever decoded two
+    # sequences. (Counted, not timed: a loaded machine cannot make it pass or fail.)
+    assert widest == 1
 
 
 def test_token_counts_use_the_models_tokenizer() -> None:
