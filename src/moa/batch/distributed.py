@@ -2,7 +2,7 @@
 
     driver (one process)                              workers (processes or Ray actors)
     RowLedger: rows waiting / held by each worker ─► RowWorker.run(row) (moa.batch.runner): the
-      the one OutputStore writer, stats, progress ◄─   pipeline, shared cache, SharedLimitsProvider
+      the one OutputStore writer, stats, progress ◄─   pipeline, shared cache, GatedProvider
     Gatekeeper: every provider's limits         ◄──── admit / finish per upstream call
 
 Exactly-once: only the driver writes, a row is written when its first result arrives and

@@ -1,7 +1,7 @@
 """Provider rate limits held once for a whole batch that runs in several processes or nodes.
 
     worker process / Ray actor                    the one Gatekeeper (driver / Ray actor)
-    SharedLimitsProvider ─ admit(provider, tokens) ─► LimitGate: slot, rpm, tpm, 429 pause
+    GatedProvider ─ admit(provider, tokens) ────────► LimitGate: slot, rpm, tpm, 429 pause
          │  upstream call                                 │
          └──────────── finish(lease, used, 429?) ────────►┘ slot freed, tokens settled
 
@@ -15,18 +15,18 @@ has them released by `release_worker`, so its slots are not lost.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Awaitable, Callable, Mapping
 
 from moa.config import ProviderConfig
 from moa.providers import Limiter, Provider
-from moa.providers.limits import GatedProvider, LimitGate, Limits, Reservation, outcome
+from moa.providers.limits import Finish, GatedProvider, LimitGate, Limits
 
 __all__ = [
     "Gatekeeper",
     "LimitGate",
     "Limits",
-    "SharedLimitsProvider",
     "limited_providers",
     "shared_limits",
 ]
@@ -85,37 +85,15 @@ class Gatekeeper:
         return len(mine)
 
 
-Admit = Callable[[str, int], Awaitable[int]]
-Finish = Callable[[int, int | None, float | None, bool | None], None]
-
-
-class SharedLimitsProvider(GatedProvider):
-    """A provider whose calls are admitted by a Gatekeeper elsewhere; the protocol is unchanged.
-
-    `admit(provider, tokens)` waits for a lease; `finish(lease, used, retry_after, limited)`
-    returns it. Both are whatever reaches the Gatekeeper (a socket, a Ray actor handle).
-    """
-
-    def __init__(self, inner: Provider, limits: Limits, admit: Admit, finish: Finish) -> None:
-        super().__init__(inner)
-        self.counts_tokens = bool(limits.tpm)
-        self._admit = admit
-        self._finish = finish
-
-    async def _enter(self, tokens: int) -> int:
-        return await self._admit(self.name, tokens)
-
-    def _leave(self, ticket: int, reservation: Reservation, error: BaseException | None) -> None:
-        self._finish(ticket, reservation.used, *outcome(error))
-
-
-def shared_limits(admit: Admit, finish: Finish) -> Limiter:
+def shared_limits(admit: Callable[[str, int], Awaitable[int]], finish: Finish) -> Limiter:
     """A limiter for `moa.providers.build_providers`: each limited provider's calls are admitted
-    by the Gatekeeper behind `admit` / `finish`, instead of by limits held in this process."""
+    by the Gatekeeper instead of by limits held in this process. `admit(provider, tokens)` waits
+    for a lease; `finish(lease, used, retry_after, limited)` returns it. Both are whatever
+    reaches the Gatekeeper (a socket, a Ray actor handle)."""
 
     def limit(name: str, config: ProviderConfig, provider: Provider) -> Provider:
         if not config.limited:
             return provider
-        return SharedLimitsProvider(provider, Limits.of(config), admit, finish)
+        return GatedProvider(provider, Limits.of(config), functools.partial(admit, name), finish)
 
     return limit

@@ -19,7 +19,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from moa.config import ProviderConfig
@@ -33,7 +33,6 @@ __all__ = [
     "LimitGate",
     "Limits",
     "RateLimitedProvider",
-    "Reservation",
     "SlowDown",
     "TokenBucket",
 ]
@@ -48,6 +47,10 @@ MIN_FACTOR = 1 / 16
 DEFAULT_RESERVED_OUTPUT = 512
 
 Clock = Callable[[], float]
+#: A gate's two halves: admit(tokens) waits for room and returns a ticket; finish(ticket, tokens
+#: used, Retry-After, limited) hands the room back (see LimitGate.finish and `outcome`).
+Admit = Callable[[int], Awaitable[int]]
+Finish = Callable[[int, int | None, float | None, bool | None], None]
 
 
 class SlowDown:
@@ -187,7 +190,8 @@ class LimitGate:
         assert self.limits.max_concurrency is not None
         return max(1, math.ceil(self.limits.max_concurrency * self.slow_down.factor()))
 
-    async def admit(self, tokens: int) -> None:
+    async def admit(self, tokens: int) -> int:
+        """Wait for room for a call reserving `tokens`; returns them, as `finish` takes them."""
         if self._slots is not None:
             await self._slots.acquire()
         try:
@@ -200,6 +204,7 @@ class LimitGate:
             if self._slots is not None:
                 self._slots.release()
             raise
+        return tokens
 
     def finish(
         self, tokens: int, used: int | None, retry_after: float | None, limited: bool | None
@@ -216,61 +221,58 @@ class LimitGate:
             self._slots.release()
 
 
-class Reservation:
-    """Tokens reserved for one call (its prompt and token cap), and what it really used."""
+class _Spent:
+    """The tokens one call used, once it reports them (None until then)."""
 
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-        self.used: int | None = None
+    tokens: int | None = None
 
     def settle(self, usage: Usage | None) -> None:
         if usage is not None:
-            self.used = usage.total_tokens
+            self.tokens = usage.total_tokens
 
 
 class GatedProvider(ProviderWrapper):
-    """A provider whose calls pass a gate: `_enter(tokens)` before the call and `_leave` after
-    it (a stream's too, when it ends or its reader closes it), told the tokens it used and
-    whether it got a 429. Local limits and a batch's shared limits are two such gates."""
+    """A provider whose calls pass a gate: `admit` before the call, with the tokens it may take
+    (its prompt and token cap), and `finish` after it (a stream's too, when it ends or its
+    reader closes it), with the tokens it used and whether it got a 429. Limits held in this
+    process (RateLimitedProvider) and a batch's shared limits (moa.batch.shared_limits) are
+    two such gates."""
 
-    #: Whether calls reserve tokens (a tpm limit): counting a prompt costs a little.
-    counts_tokens = False
-
-    async def _enter(self, tokens: int) -> int:
-        """Wait for the gate; returns a ticket for `_leave`."""
-        raise NotImplementedError
-
-    def _leave(self, ticket: int, reservation: Reservation, error: BaseException | None) -> None:
-        raise NotImplementedError
+    def __init__(self, inner: Provider, limits: Limits, admit: Admit, finish: Finish) -> None:
+        super().__init__(inner)
+        #: Whether calls reserve tokens (a tpm limit): counting a prompt costs a little.
+        self.counts_tokens = bool(limits.tpm)
+        self._admit = admit
+        self._finish = finish
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, request: ChatRequest) -> AsyncIterator[Reservation]:
+    async def _admitted(self, request: ChatRequest) -> AsyncIterator[_Spent]:
         tokens = 0
         if self.counts_tokens:
             prompt = await self.inner.count_tokens(request.model, request.messages)
             tokens = prompt + (request.max_tokens or DEFAULT_RESERVED_OUTPUT)
-        reservation = Reservation(tokens)
-        ticket = await self._enter(tokens)
+        spent = _Spent()
+        ticket = await self._admit(tokens)
         try:
-            yield reservation
+            yield spent
         except BaseException as error:
-            self._leave(ticket, reservation, error)
+            self._finish(ticket, spent.tokens, *outcome(error))
             raise
-        self._leave(ticket, reservation, None)
+        self._finish(ticket, spent.tokens, *outcome(None))
 
     async def complete(self, request: ChatRequest) -> Completion:
-        async with self._admitted(request) as reservation:
+        async with self._admitted(request) as spent:
             completion = await self.inner.complete(request)
-            reservation.settle(completion.usage)
+            spent.settle(completion.usage)
             return completion
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         async with (
-            self._admitted(request) as reservation,
+            self._admitted(request) as spent,
             contextlib.aclosing(self.inner.stream(request)) as chunks,
         ):
             async for chunk in chunks:
-                reservation.settle(chunk.usage)
+                spent.settle(chunk.usage)
                 yield chunk
 
 
@@ -285,13 +287,5 @@ class RateLimitedProvider(GatedProvider):
     """Wraps a provider with its configured limits, held in this process."""
 
     def __init__(self, inner: Provider, limits: Limits, clock: Clock = time.monotonic) -> None:
-        super().__init__(inner)
         self.gate = LimitGate(limits, clock)
-        self.counts_tokens = bool(limits.tpm)
-
-    async def _enter(self, tokens: int) -> int:
-        await self.gate.admit(tokens)
-        return 0
-
-    def _leave(self, ticket: int, reservation: Reservation, error: BaseException | None) -> None:
-        self.gate.finish(reservation.tokens, reservation.used, *outcome(error))
+        super().__init__(inner, limits, self.gate.admit, self.gate.finish)
