@@ -669,8 +669,5 @@ def open_pipelines(config: ConfigFile, *, env: Environment | None = None) -> dic
 
 
 async def close_providers(pipelines: Mapping[str, MoA]) -> None:
-    seen: dict[int, Provider] = {}
-    for moa in pipelines.values():
-        for provider in moa.providers.values():
-            seen[id(provider)] = provider
-    await asyncio.gather(*(p.aclose() for p in seen.values()))
+    shared = {id(p): p for moa in pipelines.values() for p in moa.providers.values()}
+    await asyncio.gather(*(p.aclose() for p in shared.values()))

@@ -30,11 +30,12 @@ from urllib.parse import urlsplit
 
 from moa._version import __version__
 from moa.errors import RunError
-from moa.results import AgentResult, Done, Event, RunResult
+from moa.results import AgentResult, Done, Event, RunResult, Usage
 
 if TYPE_CHECKING:
     from moa.calls import AgentCall
     from moa.config import Layer, Pipeline, ProviderConfig
+    from moa.pricing import Cost
     from moa.providers.base import ChatRequest, Completion
 
 try:
@@ -164,21 +165,28 @@ async def traced_run(
 def _record_run(span: Any, providers: Mapping[str, ProviderConfig], result: RunResult) -> None:
     from moa.pricing import run_cost
 
-    usage = result.usage
+    span.set_attribute("moa.status", "ok" if result.ok else "failed")
+    if result.ttft_s is not None:
+        span.set_attribute("moa.ttft_s", result.ttft_s)
+    span.set_attributes(
+        _outcome(result.usage, result.latency_s, run_cost(providers, result), result.output)
+    )
+
+
+def _outcome(usage: Usage, latency_s: float, cost: Cost, output: str) -> dict[str, Any]:
+    """What a run and an agent call both record: tokens, time, cost, and (if captured) text."""
     attributes: dict[str, Any] = {
-        "moa.status": "ok" if result.ok else "failed",
         "gen_ai.usage.input_tokens": usage.prompt_tokens,
         "gen_ai.usage.output_tokens": usage.completion_tokens,
-        "moa.latency_s": result.latency_s,
+        "moa.latency_s": latency_s,
     }
-    if result.ttft_s is not None:
-        attributes["moa.ttft_s"] = result.ttft_s
-    cost = run_cost(providers, result)
     if cost.known:
         attributes["moa.cost_usd"] = cost.usd
-    if _capturing() and result.output:
-        attributes["gen_ai.output.messages"] = _answer_json(result.output)
-    span.set_attributes(attributes)
+    if _capturing() and output:
+        attributes["gen_ai.output.messages"] = _messages_json(
+            [{"role": "assistant", "content": output}]
+        )
+    return attributes
 
 
 def _cancelled(error: BaseException) -> bool:
@@ -259,24 +267,15 @@ async def traced_call(
 def _record_call(span: Any, providers: Mapping[str, ProviderConfig], result: AgentResult) -> None:
     from moa.pricing import agent_cost
 
+    span.set_attribute("moa.agent.status", result.status)
+    span.set_attribute("moa.agent.attempts", result.attempts)
     span.set_attributes(
-        {
-            "moa.agent.status": result.status,
-            "moa.agent.attempts": result.attempts,
-            "moa.latency_s": result.latency_s,
-            "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
-            "gen_ai.usage.output_tokens": result.usage.completion_tokens,
-        }
+        _outcome(result.usage, result.latency_s, agent_cost(providers, result), result.output)
     )
-    cost = agent_cost(providers, result)
-    if cost.known:
-        span.set_attribute("moa.cost_usd", cost.usd)
     if result.hedge is not None:
         span.set_attribute("moa.agent.hedge_winner", result.hedge)
     if result.references_trimmed:
         span.set_attribute("moa.references_trimmed", True)
-    if _capturing() and result.output:
-        span.set_attribute("gen_ai.output.messages", _answer_json(result.output))
     if result.status == "failed":
         span.set_attribute("error.type", "agent_failed")
         span.set_status(_trace.Status(_trace.StatusCode.ERROR, result.error or "failed"))
@@ -320,7 +319,3 @@ def _messages_json(messages: Sequence[Any]) -> str:
         ],
         ensure_ascii=False,
     )
-
-
-def _answer_json(text: str) -> str:
-    return _messages_json([{"role": "assistant", "content": text}])

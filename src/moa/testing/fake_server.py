@@ -187,9 +187,8 @@ class FakeOpenAIServer:
         reply, n = self._next_reply(body)
         streaming_started = False
         try:
-            if reply.hang is not None and not await self._wait(request, reply.hang, record):
-                return Response(status_code=499)
-            if reply.latency and not await self._wait(request, reply.latency, record):
+            wait = (reply.hang or 0.0) + reply.latency
+            if wait and not await self._wait(request, wait, record):
                 return Response(status_code=499)
             if reply.body is not None or reply.status != 200:
                 payload = (
