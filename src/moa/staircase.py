@@ -29,7 +29,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from moa.budget import RunBudget
-from moa.calls import AgentCall
 from moa.config import Agent, Layer, ProviderConfig
 from moa.continuation import Continuation, WordGate, join_continuation
 from moa.errors import AggregatorFailed, LayerFailed, RunError
@@ -184,7 +183,6 @@ async def run_staircase(
         emit(TextDelta(text))
 
     def finish(status: str, error: str | None = None) -> AgentResult:
-        usage = sum((s.usage for s in steps), Usage())
         return AgentResult(
             layer=number + 1,
             index=0,
@@ -194,7 +192,7 @@ async def run_staircase(
             output=answer,
             error=error,
             latency_s=time.monotonic() - aggregator_started,
-            usage=usage,
+            usage=sum((s.usage for s in steps), Usage()),
             attempts=sum(s.attempts for s in steps),
             references_trimmed=any(s.references_trimmed for s in steps),
         )
@@ -222,13 +220,9 @@ async def run_staircase(
                 last = not proposers.running()
                 left = aggregator.max_tokens - produced
                 size = left if last else min(next(sizes), left)
-                call = AgentCall(
-                    agent=dataclasses.replace(aggregator, max_tokens=size),
-                    conversation=conversation,
-                    references=proposers.references(),
-                    layer=number + 1,
-                    index=0,
-                    references_in=pipeline.references_in,
+                writer = dataclasses.replace(aggregator, max_tokens=size)
+                call = dataclasses.replace(
+                    moa._call(writer, conversation, proposers.references(), number + 1, 0),
                     prefix=answer if steps else None,
                     continuation=how,
                 )
@@ -255,8 +249,7 @@ async def run_staircase(
             await proposers.cancel(proposers.running(), "cancelled: the answer was complete")
             proposers.settle()
         finally:
-            unsettled = [i for i in proposers.tasks if i not in proposers.results]
-            await proposers.cancel(unsettled, "cancelled: the run ended")
+            await proposers.cancel(proposers.pending(), "cancelled: the run ended")
     except RunError as error:
         if isinstance(error, LayerFailed):
             error.result = moa._partial(layers, started, error)
