@@ -6,7 +6,7 @@ call is recorded. Delays are awaited on the event loop's clock: under `run_virtu
 no real time.
 
     provider = ScriptedProvider("fake")
-    provider.script("p1", Answer(error=RateLimited("busy", status_code=429)), Answer("fine"))
+    provider.script("p1", Answer(error=RateLimited("busy")), Answer("fine"))
     moa = MoA(pipeline, {"fake": provider})
     result = run_virtual(moa.arun("question?"))
     assert [c.model for c in provider.calls] == ["p1", "p1", "agg"]
