@@ -461,6 +461,7 @@ def test_the_body_cap_is_configurable(serve: Serve) -> None:
         pytest.param(request(stream="yes"), "stream", id="stream-not-bool"),
         pytest.param(request(n=2), "n", id="n-2"),
         pytest.param(request(stop=["\n"]), "stop", id="stop"),
+        pytest.param(request(stop=["\n"], tools=[{"type": "function"}]), "stop", id="stop+tools"),
         pytest.param(request(tools=[{"type": "function"}]), "tools", id="tools"),
         pytest.param(request(response_format={"type": "json_object"}), "response_format"),
         pytest.param(

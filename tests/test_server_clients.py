@@ -238,6 +238,12 @@ def test_completions_stream_text_chunks_and_usage(serve: Serve, fake: FakeOpenAI
         pytest.param({"best_of": 3}, "best_of", id="best-of"),
         pytest.param({"logit_bias": {"50256": -100}}, "logit_bias", id="logit-bias"),
         pytest.param({"stream_options": {"include_usage": True}}, "stream_options", id="opts"),
+        pytest.param({"stop": "\n"}, "stop", id="stop"),
+        pytest.param({"n": 2}, "n", id="n"),
+        # Several refused fields: the 400 names the first in a fixed order (stop comes last).
+        pytest.param({"stop": "\n", "echo": True}, "echo", id="stop-and-echo"),
+        pytest.param({"stop": "\n", "logprobs": 1}, "logprobs", id="stop-and-logprobs"),
+        pytest.param({"best_of": 3, "n": 2}, "n", id="n-and-best-of"),
     ],
 )
 def test_completions_refuse_what_they_cannot_honour_naming_the_field(
@@ -414,7 +420,9 @@ def buggy(make_config: ConfigMaker) -> Iterator[BackgroundServer]:
         yield server
 
 
-def test_a_bug_in_a_run_is_an_internal_error_on_every_endpoint(buggy: BackgroundServer) -> None:
+def test_a_bug_in_a_run_is_an_internal_error_on_every_endpoint(
+    buggy: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """The client learns that the server failed, in its endpoint's format; never a traceback."""
     internal = {"code": "internal", "message": "internal error: see the server log"}
     error = assert_openai_error(post(buggy, request()), 500)
@@ -429,3 +437,6 @@ def test_a_bug_in_a_run_is_an_internal_error_on_every_endpoint(buggy: Background
         **internal,
         "result": None,
     }
+    # The log, with the traceback, says which failed: a stream of answer text or a run's events.
+    failures = [r.getMessage().partition("(model moa): ")[2] for r in caplog.records]
+    assert failures.count("the stream failed") == 2 and failures.count("the run failed") == 1

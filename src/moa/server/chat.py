@@ -128,12 +128,13 @@ class ChatRun:
     def _respond(self, scope: Scope, send: Send) -> Coroutine[Any, Any, None]:
         return self._stream(send) if self.request.streamed else self._complete(scope, send)
 
-    def _failure(self, error: Exception) -> ApiError:
-        """What the client is told of a failed run (logged here)."""
+    def _failure(self, error: Exception, failed: str = "the stream failed") -> ApiError:
+        """What the client is told of a failed run (logged here). Only a stream gets here with
+        something other than a RunError (a bug): `failed` is what the log says of it."""
         if isinstance(error, RunError):
             log.warning("%s (model %s): %s", self.id, self.moa.name, error)
             return run_error(error, self.moa.name)
-        log.exception("%s (model %s): the run failed", self.id, self.moa.name)
+        log.exception("%s (model %s): %s", self.id, self.moa.name, failed)
         return internal_error()
 
     # --- not streamed ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ answers come as `text_completion` chunks ended by `data: [DONE]`, as OpenAI send
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, final
 
 from moa.providers.base import ChatMessage
 from moa.results import RunResult
@@ -21,6 +21,7 @@ from moa.server.params import SamplingRequest
 __all__ = ["CompletionRequest", "CompletionRun"]
 
 
+@final
 class CompletionRequest(SamplingRequest):
     what = "a completion request"
 
@@ -41,6 +42,7 @@ class CompletionRequest(SamplingRequest):
             raise unsupported("suffix", "suffix (insertion) is not supported by MoA pipelines")
         if self.logprobs is not None:
             raise unsupported("logprobs", "logprobs are not available from a MoA pipeline")
+        self.check_stop()
 
     def to_messages(self) -> list[ChatMessage]:
         prompt = self.prompt

@@ -71,7 +71,10 @@ class EventRun(ChatRun):
     """The response to one accepted run request (an ASGI app): always a stream of events."""
 
     id_prefix = "run-"
-    _started = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._started = 0.0  # set again when the stream starts: the events' times count from it
 
     def _respond(self, scope: Scope, send: Send) -> Coroutine[Any, Any, None]:
         return self._stream(send)
@@ -97,7 +100,7 @@ class EventRun(ChatRun):
                     await events.data(payload)
 
     async def _send_failure(self, events: EventSender, error: Exception) -> None:
-        failure = self._failure(error)
+        failure = self._failure(error, "the run failed")
         result = error.result if isinstance(error, RunError) else None
         partial = None if result is None else event_to_dict(Done(result))["result"]
         error_event = {"type": "error", "message": failure.message, "code": failure.code}

@@ -9,6 +9,7 @@ configured settings, since the client asks about the answer, not about the draft
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,7 +32,7 @@ class ApiRequest(BaseModel):
     adds fields often, and clients send them by default)."""
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-    #: What the body should be, for the error about an empty one.
+    #: What the body should be, for the error about an empty one (each endpoint sets it).
     what: ClassVar[str]
 
     model: str = Field(min_length=1, max_length=256)
@@ -59,12 +60,15 @@ class ApiRequest(BaseModel):
                 code="invalid_value",
             )
 
+    # Abstract (pydantic models are ABCs): each endpoint's request type is marked @final, so
+    # that mypy flags one that forgets either method.
+    @abstractmethod
     def to_messages(self) -> list[ChatMessage]:
         """The messages to answer, or a 400 naming the one at fault."""
-        raise NotImplementedError
 
+    @abstractmethod
     def answer_settings(self) -> AnswerSettings:
-        raise NotImplementedError
+        """The settings the client asks of the answer: see the module's docstring."""
 
 
 class SamplingRequest(ApiRequest):
@@ -76,7 +80,7 @@ class SamplingRequest(ApiRequest):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     reasoning_effort: str | None = None
-    # Refused unless left at their neutral value: see `check`.
+    # Refused unless left at their neutral value: see `check` and `check_stop`.
     n: int | None = None
     stop: str | list[str] | None = None
 
@@ -98,6 +102,11 @@ class SamplingRequest(ApiRequest):
             )
         if self.n not in (None, 1):
             raise unsupported("n", "a MoA pipeline writes one answer per request: send n=1")
+
+    def check_stop(self) -> None:
+        """Refuse stop sequences. Each endpoint calls it where it always has (right after `n`
+        for chat, last for legacy completions), so that a request with several refused fields
+        gets the 400 naming the same one as before."""
         if self.stop:
             raise unsupported("stop", "stop sequences are not supported by MoA pipelines")
 

@@ -16,7 +16,7 @@ logprobs, and non-text input. This server stores no responses, whatever `store` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, final
 
 from pydantic import Field
 
@@ -31,6 +31,7 @@ from moa.server.params import ApiRequest
 __all__ = ["ResponsesRequest", "ResponsesRun"]
 
 
+@final
 class ResponsesRequest(ApiRequest):
     """The fields we act on; other fields OpenAI defines are accepted and have no effect."""
 
@@ -52,6 +53,10 @@ class ResponsesRequest(ApiRequest):
     prompt: dict[str, Any] | None = None
     include: list[str] | None = None
     top_logprobs: int | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return False  # the Responses API always reports usage, in its final event
 
     def answer_settings(self) -> AnswerSettings:
         return AnswerSettings(
@@ -120,8 +125,11 @@ class ResponsesRun(ChatRun):
     request: ResponsesRequest
     request_type = ResponsesRequest
     id_prefix = "resp_"
-    _sequence = 0
-    _opened = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sequence = 0  # the last event's sequence_number
+        self._opened = False  # the output message was announced
 
     def _response(
         self,
@@ -168,20 +176,20 @@ class ResponsesRun(ChatRun):
     def _message(self, text: str, status: str) -> dict[str, Any]:
         return {
             "type": "message",
-            "id": self._place["item_id"],
+            "id": self.message_id,
             "status": status,
             "role": "assistant",
             "content": [_part(text)],
         }
 
     @property
+    def message_id(self) -> str:
+        return "msg_" + self.id.removeprefix("resp_")
+
+    @property
     def _place(self) -> dict[str, Any]:
         """Where the answer's text goes: the one content part of the one output message."""
-        return {
-            "item_id": "msg_" + self.id.removeprefix("resp_"),
-            "output_index": 0,
-            "content_index": 0,
-        }
+        return {"item_id": self.message_id, "output_index": 0, "content_index": 0}
 
     # --- not streamed ---------------------------------------------------------------------
 

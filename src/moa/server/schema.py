@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, final
 
 from pydantic import Field, ValidationError
 
@@ -49,9 +49,11 @@ def parse_request(body: bytes, kind: type[R]) -> tuple[R, list[ChatMessage]]:
     return request, request.to_messages()
 
 
+@final
 class ChatCompletionRequest(SamplingRequest):
-    """The fields we act on (see SamplingRequest for those every endpoint shares); anything
-    else OpenAI defines is accepted and has no effect."""
+    """The fields we act on (see SamplingRequest for those it shares with legacy completions,
+    and ApiRequest for those every endpoint takes); anything else OpenAI defines is accepted
+    and has no effect."""
 
     what = "a chat completion request"
 
@@ -72,6 +74,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check(self) -> None:
         super().check()
+        self.check_stop()
         if self.tools or self.functions:
             param = "tools" if self.tools else "functions"
             raise unsupported(param, "tool and function calling are not supported by MoA pipelines")
