@@ -76,8 +76,9 @@ class OrderJudgment:
         """The choice mapped from position back to system."""
         if self.choice is None or self.choice == "tie":
             return self.choice
-        # A wins when the judge picked the position A's answer was shown in.
-        return "A" if (self.choice == "first") == (self.order == "AB") else "B"
+        first: Winner = "A" if self.order == "AB" else "B"
+        second: Winner = "B" if self.order == "AB" else "A"
+        return first if self.choice == "first" else second
 
     @property
     def a_score(self) -> float | None:
