@@ -223,10 +223,9 @@ class _Evaluation(Protocol[T_co]):
     ) -> Awaitable[T_co]: ...
 
 
-def _run_judged(chosen: dict[str, Any], evaluate: _Evaluation[T]) -> T:
-    """`evaluate` with the judge (and cache) the `chosen` judge options name and a progress bar
-    on a terminal; closes all."""
-    options = JudgeOptions(**chosen)
+def _run_judged(options: JudgeOptions, evaluate: _Evaluation[T]) -> T:
+    """`evaluate` with the judge (and cache) the judge `options` name and a progress bar on a
+    terminal; closes all."""
     path = cache_file(options.cache_path, options.no_cache)
     with CallCache(path) if path is not None else contextlib.nullcontext() as cache:
         judge = _open_judge(options, cache)
@@ -297,7 +296,7 @@ def pairwise(
     """
     a = load_outputs(a_path, name_a)
     b = load_outputs(b_path, name_b)
-    report = _run_judged(judge, partial(evaluate_pairwise, a=a, b=b, limit=limit))
+    report = _run_judged(JudgeOptions(**judge), partial(evaluate_pairwise, a=a, b=b, limit=limit))
     markdown, data = pairwise_markdown(report), pairwise_json(report)
     controlled = fit_from_results(report.results) if length_controlled else None
     if length_controlled:
@@ -354,7 +353,7 @@ def mt_bench(
         questions = load_reference_answers(reference_answers, questions)
     answers, skipped = load_answers(answers_path)
     report = _run_judged(
-        judge,
+        JudgeOptions(**judge),
         partial(
             evaluate_mt_bench,
             questions=questions,

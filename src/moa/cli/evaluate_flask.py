@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from moa.cli.evaluate import _run_judged, command
+from moa.cli.evaluate import JudgeOptions, _run_judged, command
 from moa.cli.evaluate import judge_options as _judge_options
 from moa.cli.options import FILE
 from moa.cli.report import finish_report, report_options
@@ -66,7 +66,7 @@ def flask(
         names.add(name)
         systems.append(replace(answers, name=name))
     report = _run_judged(
-        judge,
+        JudgeOptions(**judge),
         partial(
             evaluate_flask, items=items, systems=systems, items_path=str(items_path), limit=limit
         ),
