@@ -117,6 +117,31 @@ def test_pairwise_reports_win_rate_table_and_json(
     assert [j["choice"] for j in first["judgments"]] == ["first", "second"]
     assert [j["winner"] for j in first["judgments"]] == ["A", "A"]
     assert "[[A]]" in first["judgments"][0]["judge_output"]
+    # The report's keys are public (scripts read them): a field added to a dataclass that the
+    # JSON is built from must not change them unnoticed.
+    assert list(data) == ["kind", "judge", "a", "b", "matched_by", "summary", "items"]
+    assert list(data["a"]) == list(data["b"]) == ["name", "path", "rows", "unmatched", "skipped"]
+    assert list(data["summary"]) == [
+        "win_rate",
+        "standard_error",
+        "items",
+        "scored",
+        "wins",
+        "ties",
+        "losses",
+        "identical",
+        "verdicts",
+        "unparseable_verdicts",
+        "failed_judge_calls",
+        "incomplete_items",
+        "consistent_items",
+        "first_shown_rate",
+        "prompt_mismatches",
+        "turn_mismatches",
+    ]
+    assert list(first) == ["key", "score", "identical", "judgments"]
+    judgment = ["shown_first", "choice", "winner", "problem", "failed", "judge_output"]
+    assert all(list(j) == judgment for j in first["judgments"])
 
 
 def test_pairwise_judge_with_position_bias_gives_exactly_half(
@@ -332,7 +357,33 @@ def test_mt_bench_grades_every_turn_and_averages_per_category(
     assert "| writing | 9.00 | 6.00 | 8.00 | 3 |" in result.stdout
     assert "| **overall** | 9.00 | 4.50 | 7.20 | 5 |" in result.stdout
     assert "Unparseable grades: 1." in result.stdout
-    model = json.loads(out.read_text())["models"][0]
+    data = json.loads(out.read_text())
+    # The report's keys are public (see the pairwise test): pinned, grades' included.
+    assert list(data) == [
+        "kind",
+        "judge",
+        "answers",
+        "questions",
+        "question_count",
+        "unknown_questions",
+        "duplicate_answers",
+        "skipped_answers",
+        "models",
+        "grades",
+    ]
+    grade = ["model", "question_id", "category", "turn", "score", "problem", "failed"]
+    assert data["grades"] and all(list(g) == [*grade, "judge_output"] for g in data["grades"])
+    model = data["models"][0]
+    assert list(model) == [
+        "model",
+        "overall",
+        "categories",
+        "unparseable_grades",
+        "failed_judge_calls",
+        "unanswered_questions",
+        "missing_turns",
+    ]
+    assert list(model["overall"]) == ["turns", "mean", "graded"]
     assert model["model"] == "moa"
     assert model["overall"]["mean"] == 7.2
     assert model["categories"]["writing"]["turns"] == [{"mean": 9.0, "n": 2}, {"mean": 6.0, "n": 1}]
