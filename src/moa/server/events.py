@@ -72,9 +72,8 @@ class EventRun(ChatRun):
 
     id_prefix = "run-"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._started = 0.0  # set again when the stream starts: the events' times count from it
+    #: When the stream started (set then): the events' times count from it.
+    _started: float
 
     def _respond(self, scope: Scope, send: Send) -> Coroutine[Any, Any, None]:
         return self._stream(send)

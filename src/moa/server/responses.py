@@ -126,10 +126,9 @@ class ResponsesRun(ChatRun):
     request_type = ResponsesRequest
     id_prefix = "resp_"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._sequence = 0  # the last event's sequence_number
-        self._opened = False  # the output message was announced
+    # The stream's state, set when it starts (one run, one stream).
+    _sequence: int  # the last event's sequence_number
+    _opened: bool  # the output message was announced
 
     def _response(
         self,
@@ -208,6 +207,7 @@ class ResponsesRun(ChatRun):
         await (events.text if verbatim else events.data)(payload, kind)
 
     async def _send_events(self, events: EventSender) -> None:
+        self._sequence, self._opened = 0, False
         started = self._response("in_progress")
         await self._emit(events, "response.created", response=started)
         await self._emit(events, "response.in_progress", response=started)
