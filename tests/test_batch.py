@@ -11,13 +11,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from click.testing import CliRunner, Result
 
 from moa.cli import cli
+from moa.config import ProviderConfig
+from moa.env import Environment
+from moa.providers import register_provider_type, registry
 from moa.testing import FakeOpenAIServer, RecordedRequest, Reply
+from moa.testing.scripted import Answer, ScriptedProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -443,3 +447,57 @@ def test_finished_rows_of_another_pipeline_are_never_relabelled(
     assert renamed.exit_code == 0, renamed.stderr
     exported = json.loads(out.with_name("a.alpaca_eval.json").read_text())
     assert [item["generator"] for item in exported] == ["v2"] * 3
+
+
+# --- the environment ----------------------------------------------------------------------
+
+
+def test_a_finished_batch_exports_without_reading_its_env_file(setup: dict[str, Path]) -> None:
+    """The .env file is read only once rows are pending: a rerun that only exports still works
+    after the file is gone; with a row pending, its absence is the one error."""
+    env_file = setup["out"].with_name("keys.env")
+    env_file.write_text("UNUSED_KEY=x\n")
+    common = [setup["input"], "-o", setup["out"], "-c", setup["config"], "--env-file", env_file]
+    assert batch(*common).exit_code == 0
+    env_file.unlink()
+    rerun = batch(*common, "--format", "alpaca_eval")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert "all 6 rows are already finished" in rerun.stderr
+    exported = json.loads(setup["out"].with_name("out.alpaca_eval.json").read_text())
+    assert len(exported) == 6
+    write_rows(setup["input"], instructions(7))
+    pending = batch(*common)
+    assert pending.exit_code != 0
+    assert "no such .env file" in pending.stderr
+
+
+class _EnvEchoConfig(ProviderConfig):
+    type: Literal["env-echo"] = "env-echo"
+
+
+def test_an_in_process_batch_gives_providers_the_full_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider type added by register_provider_type may read any variable, not only the
+    keys the config names: the worker in the CLI's own process sees the whole environment."""
+    monkeypatch.setattr(registry, "_TYPES", dict(registry._TYPES))
+    monkeypatch.setenv("ENV_ECHO_GREETING", "hello from the environment")
+
+    def build(name: str, config: _EnvEchoConfig, env: Environment) -> ScriptedProvider:
+        return ScriptedProvider(name, default=Answer(env.get("ENV_ECHO_GREETING") or "none"))
+
+    register_provider_type(_EnvEchoConfig, build)
+    config = tmp_path / "moa.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "providers": {"toy": {"type": "env-echo"}},
+                "aggregator": {"model": "agg"},
+                "layers": 1,
+            }
+        )
+    )
+    out = tmp_path / "out.jsonl"
+    result = batch(write_rows(tmp_path / "in.jsonl", instructions(1)), "-o", out, "-c", config)
+    assert result.exit_code == 0, result.stderr
+    assert [r["output"] for r in read_output(out)] == ["hello from the environment"]

@@ -79,7 +79,7 @@ class RowLedger:
         self.waiting.extend(
             i for i, row in enumerate(self.rows) if row.key not in self.store.finished
         )
-        self.stats.started = time.monotonic()
+        self.stats.started = time.monotonic()  # the rate counts rows, not the set-up before them
         if self.stats.cache is None:
             self.stats.cache = CacheStats()
 
@@ -122,5 +122,9 @@ class RowLedger:
     def lost(self, worker: str) -> int:
         """A worker died: its rows go back to the front of the queue, in their order. Returns
         how many."""
-        held = sorted(self.held.get(worker, ()), reverse=True)
-        return sum(self.give_back(worker, index) for index in held)
+        returned = 0
+        # Last row first: each goes to the front of the queue, so the first ends up first.
+        for index in sorted(self.held.get(worker, ()), reverse=True):
+            if self.give_back(worker, index):
+                returned += 1
+        return returned

@@ -153,15 +153,19 @@ class RowWorker:
         self.pipeline_id = pipeline_fingerprint(moa.pipeline)
 
     @classmethod
-    def for_job(cls, job: Job, limits: Limiter = local_limits) -> RowWorker:
+    def for_job(
+        cls, job: Job, limits: Limiter = local_limits, env: Environment | None = None
+    ) -> RowWorker:
         """The pipeline of `job`, its cache opened here, its calls admitted by `limits` (this
-        process's own, or a Gatekeeper's shared by every worker)."""
+        process's own, or a Gatekeeper's shared by every worker). `env` is the driver's full
+        environment, for the worker in its own process (a provider type added by
+        register_provider_type may read any variable); elsewhere a worker sees only job.env."""
         cache = CallCache(job.cache_path) if job.cache_path is not None else None
         try:
             moa = MoA.from_config(
                 job.config,
                 job.pipeline,
-                env=Environment(job.env),
+                env=env if env is not None else Environment(job.env),
                 name=job.generator,
                 cache=cache,
                 limits=limits,
@@ -182,9 +186,11 @@ class RowWorker:
         return RowDone(index, record, outcome.ok, outcome.usage, outcome.cost, counters)
 
     async def aclose(self) -> None:
-        await self.moa.aclose()
-        if self.cache is not None:
-            self.cache.close()
+        try:
+            await self.moa.aclose()
+        finally:
+            if self.cache is not None:
+                self.cache.close()
 
 
 async def run_batch(worker: RowWorker, ledger: RowLedger, *, concurrency: int) -> None:
@@ -193,7 +199,8 @@ async def run_batch(worker: RowWorker, ledger: RowLedger, *, concurrency: int) -
     async def work() -> None:
         # One shared queue: each row goes to exactly one task.
         while (index := ledger.take(_HERE)) is not None:
-            await ledger.done(_HERE, await worker.run(index, ledger.rows[index]))
+            done = await worker.run(index, ledger.rows[index])
+            await ledger.done(_HERE, done)
 
     try:
         async with asyncio.TaskGroup() as group:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -156,16 +157,10 @@ def command(
         check_export_path(export_path)
     if ray_address is not None and engine != "ray":
         raise click.UsageError("--ray-address needs --engine ray")
-    env = environment(config, env_file)
     job = Job(
         config=config,
         pipeline=pipeline,
-        env={
-            name: value
-            for p in config.providers.values()
-            for name in p.env_names()
-            if (value := env.get(name)) is not None
-        },
+        env={},  # _run fills it in once it knows rows are pending
         generator=generator or pipeline or (config_path.stem if config_path else selected),
         cache_path=cache,
         concurrency=math.ceil(concurrency / workers),
@@ -176,6 +171,7 @@ def command(
             rows,
             input_path,
             output_path,
+            env_file=env_file,
             keep_other_pipelines=keep_other_pipelines,
             progress_interval=progress_interval,
             fmt=fmt,
@@ -199,6 +195,7 @@ async def _run(
     input_path: Path,
     output_path: Path,
     *,
+    env_file: Path | None,
     keep_other_pipelines: bool,
     progress_interval: float,
     fmt: ExportFormat | None,
@@ -218,19 +215,32 @@ async def _run(
             click.echo(
                 f"batch: all {stats.total} rows are already finished in {output_path}", err=True
             )
-        elif workers == 1 and engine == "local":
-            # Built before the progress starts: a bad key is one line, not a stopped bar.
-            worker = RowWorker.for_job(job)
-            try:
-                with showing_progress(stats, interval=progress_interval) as progress:
-                    ledger = RowLedger(rows, store, stats, progress)
-                    await run_batch(worker, ledger, concurrency=job.concurrency)
-            finally:
-                await worker.aclose()
         else:
-            await _run_scaled(
-                job, rows, input_path, store, stats, progress_interval, workers, engine, ray_address
-            )
+            # Read only now that rows are pending: a rerun that only exports needs no .env
+            # file, and a bad pipeline or a locked output is reported as itself.
+            env = environment(job.config, env_file)
+            if workers == 1 and engine == "local":
+                # Built before the progress starts: a bad key is one line, not a stopped bar.
+                worker = RowWorker.for_job(job, env=env)
+                try:
+                    with showing_progress(stats, interval=progress_interval) as progress:
+                        ledger = RowLedger(rows, store, stats, progress)
+                        await run_batch(worker, ledger, concurrency=job.concurrency)
+                finally:
+                    await worker.aclose()
+            else:
+                await _run_scaled(
+                    job,
+                    env,
+                    rows,
+                    input_path,
+                    store,
+                    stats,
+                    progress_interval,
+                    workers,
+                    engine,
+                    ray_address,
+                )
     finally:
         await store.aclose()
     if fmt is not None and export_path is not None:
@@ -248,6 +258,7 @@ async def _run(
 
 async def _run_scaled(
     job: Job,
+    env: Environment,
     rows: list[Row],
     input_path: Path,
     store: OutputStore,
@@ -264,7 +275,15 @@ async def _run_scaled(
         from moa.batch.ray_engine import require_ray
 
         require_ray()
-    await MoA.from_config(job.config, job.pipeline, env=Environment(job.env)).aclose()
+    await MoA.from_config(job.config, job.pipeline, env=env).aclose()
+    # Workers get the API keys the providers name, nothing else from this environment.
+    keys = {
+        name: value
+        for p in job.config.providers.values()
+        for name in p.env_names()
+        if (value := env.get(name)) is not None
+    }
+    job = replace(job, env=keys)
     with showing_progress(stats, interval=progress_interval) as progress:
         ledger = RowLedger(rows, store, stats, progress)
         if engine == "ray":
