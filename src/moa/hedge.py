@@ -99,7 +99,7 @@ class HedgedProvider(ProviderWrapper):
                     if not item.text and not item.finish_reason:
                         continue
                     winner = side
-                    await stop(task for side, task in tasks.items() if side != winner)
+                    await stop(t for s, t in tasks.items() if s != winner)
                 finish = item.finish_reason or finish
                 usage = item.usage or usage
                 if item.text:

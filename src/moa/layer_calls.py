@@ -52,7 +52,10 @@ class LayerCalls:
     def settle(self) -> list[int]:
         """Record (and announce) the calls that have ended; returns their indices. A call that
         raised (BudgetExceeded) raises here and ends the run."""
-        ended = [i for i in self.pending() if self.tasks[i].done()]
+        # A cancelled task has no outcome to take (.exception() would raise): cancel() records it.
+        ended = [
+            i for i in self.pending() if self.tasks[i].done() and not self.tasks[i].cancelled()
+        ]
         # Every outcome is taken before any is raised: siblings that fail together must not
         # leave an exception never retrieved.
         outcomes = [(i, self.tasks[i].exception()) for i in ended]
@@ -70,6 +73,8 @@ class LayerCalls:
         meanwhile). `traced`: a cut-off, noted as an event on the layer's span."""
         await stop(self.tasks[i] for i in indices)
         for index in indices:
+            if index in self.results:  # recorded and announced already
+                continue
             task = self.tasks[index]
             if not task.cancelled() and task.exception() is None:
                 self.results[index] = task.result()

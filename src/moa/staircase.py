@@ -67,14 +67,21 @@ class _Proposers(LayerCalls):
         agent_text: bool,
         start: Callable[[int, Agent, Callable[[str], None]], Coroutine[Any, Any, AgentResult]],
     ) -> None:
+        # All set before super().__init__, which starts the calls (through _start): whatever a
+        # call's text callback touches exists before any call does.
         self.texts: list[list[str]] = [[] for _ in layer.agents]
         self.first: dict[int, float] = {}
         self.changed = asyncio.Event()
         self._agent_text = agent_text
         self._uncuttable = layer.uncut
-        super().__init__(number, layer, emit, lambda i, agent: start(i, agent, self._collect(i)))
+        self._start_streaming = start
+        super().__init__(number, layer, emit, self._start)
         for task in self.tasks.values():
             task.add_done_callback(lambda _task: self.changed.set())
+
+    def _start(self, index: int, agent: Agent) -> Coroutine[Any, Any, AgentResult]:
+        """Agent `index`'s call, its text collected as it streams."""
+        return self._start_streaming(index, agent, self._collect(index))
 
     def _collect(self, index: int) -> Callable[[str], None]:
         def on_text(text: str) -> None:

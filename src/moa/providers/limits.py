@@ -48,7 +48,9 @@ DEFAULT_RESERVED_OUTPUT = 512
 
 Clock = Callable[[], float]
 #: A gate's two halves: admit(tokens) waits for room and returns a ticket; finish(ticket, tokens
-#: used, Retry-After, limited) hands the room back (see LimitGate.finish and `outcome`).
+#: used, Retry-After, limited) hands the room back (see LimitGate.finish and `outcome`). The
+#: ticket is whatever the gate needs to find the room again: for a LimitGate, the tokens it
+#: reserved; for a batch's shared Gatekeeper (moa.batch.shared_limits), a lease id.
 Admit = Callable[[int], Awaitable[int]]
 Finish = Callable[[int, int | None, float | None, bool | None], None]
 
@@ -191,7 +193,7 @@ class LimitGate:
         return max(1, math.ceil(self.limits.max_concurrency * self.slow_down.factor()))
 
     async def admit(self, tokens: int) -> int:
-        """Wait for room for a call reserving `tokens`; returns them, as `finish` takes them."""
+        """Wait for room for a call reserving `tokens`; returns the ticket: those tokens."""
         if self._slots is not None:
             await self._slots.acquire()
         try:
@@ -207,16 +209,17 @@ class LimitGate:
         return tokens
 
     def finish(
-        self, tokens: int, used: int | None, retry_after: float | None, limited: bool | None
+        self, ticket: int, used: int | None, retry_after: float | None, limited: bool | None
     ) -> None:
-        """`limited`: the call got a 429 (True), succeeded (False), or failed otherwise (None:
-        neither slows the provider down nor ends a run of 429s)."""
+        """`ticket`: what admit returned, the tokens reserved. `limited`: the call got a 429
+        (True), succeeded (False), or failed otherwise (None: neither slows the provider down
+        nor ends a run of 429s)."""
         if limited:
             self.slow_down.rate_limited(retry_after)
         elif limited is False:
             self.slow_down.succeeded()
         if self._tokens is not None and used is not None:
-            self._tokens.adjust(tokens - used)
+            self._tokens.adjust(ticket - used)
         if self._slots is not None:
             self._slots.release()
 

@@ -98,6 +98,10 @@ class LlamaModel:
         room = len(data) + 8  # a token covers at least one byte: room for any text's tokens
         buffer = (self.lib.llama_token * room)()
         n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, room, add_bos, special)
+        if n < 0:  # cannot happen, but llama.h allows it: -n is the room needed
+            room = -n
+            buffer = (self.lib.llama_token * room)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, room, add_bos, special)
         return list(buffer[:n])
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
