@@ -457,7 +457,15 @@ def test_a_finished_batch_exports_without_reading_its_env_file(setup: dict[str, 
     after the file is gone; with a row pending, its absence is the one error."""
     env_file = setup["out"].with_name("keys.env")
     env_file.write_text("UNUSED_KEY=x\n")
-    common = [setup["input"], "-o", setup["out"], "-c", setup["config"], "--env-file", env_file]
+    common: list[str | Path] = [
+        setup["input"],
+        "-o",
+        setup["out"],
+        "-c",
+        setup["config"],
+        "--env-file",
+        env_file,
+    ]
     assert batch(*common).exit_code == 0
     env_file.unlink()
     rerun = batch(*common, "--format", "alpaca_eval")
