@@ -28,16 +28,15 @@ import asyncio
 import copy
 import json
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from _process import ready_process
 
 from moa import MoA, parse_config
 from moa.presets import PRESETS
@@ -171,24 +170,13 @@ def preset(questions: list[str], threads: int) -> dict[int, list[tuple[float, fl
 
 @contextmanager
 def _serve(config: Path, workdir: Path) -> Iterator[str]:
-    out, err = workdir / "serve.out", workdir / "serve.err"
-    command = [sys.executable, "-m", "moa", "serve", "--config", str(config), "--port", "0"]
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr)
-    try:
-        deadline = time.monotonic() + 120
-        while not (found := re.search(r" at (http://\S+)/v1 ", out.read_text())):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moa serve did not start:\n{err.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield found.group(1)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    command = ["-m", "moa", "serve", "--config", str(config), "--port", "0"]
+    # Loading the model takes a while on 2 busy cores: a longer wait than the default.
+    with ready_process(command, workdir, "serve", r" at (http://\S+)/v1 ", start_timeout=120) as (
+        url,
+        _,
+    ):
+        yield url
 
 
 async def _first_token_s(url: str, question: str) -> float:

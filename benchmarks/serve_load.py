@@ -30,18 +30,14 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
+from _process import ready_process
 
 _QUESTION = [{"role": "user", "content": "hi"}]
 #: Each user sends a request every _PERIOD × (critical path) seconds: a request lasts a little
@@ -68,30 +64,6 @@ def _cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextmanager
-def _process(args: list[str], workdir: Path, name: str, pattern: str) -> Iterator[tuple[str, int]]:
-    """Run `python ARGS`; yield the first group of `pattern` once it shows on stdout, and the
-    pid. Output goes to files: a full pipe would stall the process under test."""
-    stdout = workdir / f"{name}.out"
-    stderr = workdir / f"{name}.err"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err)
-    try:
-        deadline = time.monotonic() + 60
-        while not (found := re.search(pattern, stdout.read_text())):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start:\n{stderr.read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield found.group(1), process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _config(base_url: str, proposers: int, layers: int, shared: bool) -> dict[str, object]:
@@ -211,9 +183,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="moa-serve-load-") as tmp:
         workdir = Path(tmp)
         fake = ["-m", "moa.testing.fake_server", "--port", "0"]
-        with _process(fake, workdir, "bare", r"listening (\S+)") as (bare, _):
+        with ready_process(fake, workdir, "bare", r"listening (\S+)") as (bare, _):
             bare_s = asyncio.run(_bare_upstream_s(bare))
-        with _process(
+        with ready_process(
             [*fake, "--latency", str(args.latency)], workdir, "fake", r"listening (\S+)"
         ) as (upstream, fake_pid):
             path_s = args.layers * (args.latency + bare_s)
@@ -223,7 +195,10 @@ def main() -> int:
             serve = ["-m", "moa", "serve", "--config", str(config), "--port", "0"]
             serve += ["--max-concurrency", str(2 * args.clients)]
             os.environ.pop("MOA_API_KEYS", None)
-            with _process(serve, workdir, "serve", r" at (http://\S+)/v1 ") as (url, serve_pid):
+            with ready_process(serve, workdir, "serve", r" at (http://\S+)/v1 ") as (
+                url,
+                serve_pid,
+            ):
                 pids = {"moa serve": serve_pid, "fake upstream": fake_pid, "clients": os.getpid()}
                 cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
                 tally, wall_s = asyncio.run(
