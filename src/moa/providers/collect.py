@@ -37,7 +37,9 @@ class StreamCollector:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.usage = chunk.usage or self.usage
         if chunk.logprobs is not None:
-            self.logprobs = [*(self.logprobs or ()), *chunk.logprobs]
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(chunk.logprobs)  # in place: a copy per chunk is quadratic
         if self._guard is not None and chunk.text and self.runaway is None:
             self.runaway = self._guard.feed(chunk.text)
         return self.runaway is None
